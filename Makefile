@@ -1,0 +1,79 @@
+# tokenfeedback: every task the project has. `make demo` and `make test` work as the first
+# command in a fresh clone; each builds what it needs first (idempotent, fast when nothing changed).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+DATA ?= data
+MODEL ?= $(DATA)/demo-model
+PROTOS := $(shell find proto -name '*.proto')
+GEN_PY := clients/python/tokenfeedback/v1
+STAMP := $(VENV)/.stamp-install
+
+.PHONY: setup proto model serve demo experiment claims test test-fast test-integration bench \
+        loadtest lint label system-deps clients-ts clients-go web clean help
+
+help:
+	@echo "make setup      create .venv, install pinned dependencies, generate stubs"
+	@echo "make model      train the embedded demo model into $(MODEL) (once)"
+	@echo "make serve      start policy + trainer servers on the demo model"
+	@echo "make demo       the main job: sample, annotate, train, publish; report"
+	@echo "make test       the whole test suite (builds what it needs)"
+	@echo "make bench      kernel, policy and trainer benchmarks -> bench/results/"
+	@echo "make lint       ruff"
+
+# ---- set-up --------------------------------------------------------------------------------
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check -r requirements.txt
+	$(PIP) install -q --disable-pip-version-check --no-deps --no-build-isolation --config-settings editable_mode=compat -e .
+	# the Python client (with its generated stubs) lives under clients/python: put it on the path
+	echo "$(CURDIR)/clients/python" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tokenfeedback-client.pth
+	touch $@
+
+$(GEN_PY)/.stamp: $(PROTOS) $(STAMP) scripts/gen_proto.sh
+	bash scripts/gen_proto.sh
+	touch $@
+
+setup: $(STAMP) $(GEN_PY)/.stamp
+
+proto: $(STAMP)
+	bash scripts/gen_proto.sh
+	touch $(GEN_PY)/.stamp
+
+# System packages the non-Python parts need (Go toolchain, protoc plugins, Chromium). Installed
+# with apt-get only when missing.
+system-deps:
+	bash scripts/system_deps.sh
+
+# ---- the model and the services ------------------------------------------------------------
+$(MODEL)/config.json: | setup
+	$(PY) -m demo_model --out $(MODEL)
+
+model: setup $(MODEL)/config.json
+
+serve: model
+	$(PY) -m tokenfeedback.cli serve --model $(MODEL) --data $(DATA)/trainer
+
+demo: model
+	$(PY) -m demo_model.loop --model $(MODEL) $(DEMO_ARGS)
+
+experiment: model
+	$(PY) -m demo_model.loop --experiment --model $(MODEL) $(DEMO_ARGS)
+
+# ---- checks --------------------------------------------------------------------------------
+test: setup system-deps model
+	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+test-fast: setup model
+	$(PY) -m pytest -q -rs -m "not slow" $(PYTEST_ARGS)
+
+bench: setup model
+	$(PY) -m bench $(BENCH_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(GEN_PY) build .pytest_cache
