@@ -1,0 +1,7 @@
+"""`python -m tokenfeedback` is the `tokenfeedback` command."""
+
+import sys
+
+from tokenfeedback.cli import main
+
+sys.exit(main())
