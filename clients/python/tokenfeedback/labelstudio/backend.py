@@ -1,0 +1,517 @@
+"""tokenfeedback as a Label Studio ML backend: pre-marks unlikely tokens, turns saved spans into
+training data, and starts training when Label Studio asks.
+
+    tokenfeedback labelstudio-backend --policy 127.0.0.1:50051 --trainer 127.0.0.1:50052 --port 9090
+
+Label Studio's ML backend contract (notes/label-studio.md), served with Starlette on uvicorn:
+- GET /health: UP when the policy server answers (Label Studio waits 1 s).
+- POST /setup: remembers the project's Label Studio address and token (used to write generated
+  completions into prompt-only tasks) and answers the policy's model version.
+- POST /predict: one result per task, in order. A task with a completion is scored by the policy;
+  a task with only a prompt gets a completion generated first (written into the task and returned
+  in the prediction). The least likely tokens are pre-marked Bad, scored with their probability.
+- POST /webhook: ANNOTATION_CREATED / UPDATED -> the shared Label Studio conversion
+  (tokenfeedback.imports.labelstudio_sequence) -> SubmitAnnotations with the key
+  "ls-<task>-<annotation>-<updated_at>"; an update withdraws the annotation's earlier versions, a
+  delete withdraws them all. Label Studio waits 1 s for a webhook: the request only stores (the
+  trainer acknowledges after its durable commit) and answers; START_TRAINING starts the trainer's
+  Train in a background thread and answers at once.
+Errors (a task without text, a region whose text disagrees with its offsets, an unreachable
+trainer) are a JSON body {"error": ..., "task": ..., "annotation": ...} with a 4xx/5xx status and
+one log line naming the task and region; a rejected annotation stores nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+import tokenfeedback.v1.trainer_pb2 as trainer_pb2
+from tokenfeedback.client import PolicyClient, TrainerClient
+from tokenfeedback.errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    TokenfeedbackError,
+    UnavailableError,
+)
+from tokenfeedback.imports import ConversionError, Skipped, labelstudio_annotation_id, labelstudio_sequence
+from tokenfeedback.labelstudio.predict import MarkOptions, prediction
+from tokenfeedback.labelstudio.state import SubmissionLog
+
+log = logging.getLogger("tokenfeedback.labelstudio")
+
+ANNOTATION_SAVED = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
+ANNOTATION_DELETED = ("ANNOTATIONS_DELETED", "ANNOTATION_DELETED")
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """Everything the backend reads; filled from the command line and logged at start."""
+
+    policy: str  # policy server HOST:PORT (scores and generates)
+    trainer: str  # trainer server HOST:PORT (stores annotations, trains)
+    host: str = "127.0.0.1"  # bind address of the HTTP server
+    port: int = 9090  # HTTP port; 0 picks a free one (announced on stdout)
+    threshold: float = 0.1  # pre-mark tokens whose probability under the policy is below this
+    max_marks: int = 3  # at most this many pre-marked tokens per task, the least likely first
+    max_new_tokens: int = 32  # length of a completion generated for a prompt-only task
+    temperature: float = 1.0  # sampling temperature of those completions (0: greedy)
+    seed: int | None = None  # sampling seed of those completions (None: a fresh one each)
+    train_steps: int = 0  # optimizer steps per START_TRAINING; 0: one pass over pending annotations
+    state: str = "data/labelstudio-backend.sqlite"  # which trainer ids were submitted (":memory:" ok)
+    webhook_budget: float = 0.8  # seconds a webhook may spend on trainer calls (Label Studio waits 1)
+    predict_concurrency: int = 8  # tasks of one /predict scored at the same time
+    to_name: str = ""  # keep only regions on this Text tag; "" keeps all labels/textarea regions
+    label_studio_url: str = ""  # Label Studio's address for writing generated completions; "" from /setup
+    label_studio_token: str = ""  # its API token; "" uses the one /setup sends
+    token: str | None = field(default=None, repr=False)  # bearer token for the gRPC servers (auth on)
+
+    def __post_init__(self):
+        MarkOptions(self.threshold, self.max_marks)  # validates both
+        if self.webhook_budget <= 0:
+            raise ValueError(f"webhook_budget: must be > 0 seconds, got {self.webhook_budget}")
+        if self.predict_concurrency < 1:
+            raise ValueError(f"predict_concurrency: must be >= 1, got {self.predict_concurrency}")
+
+
+class RequestError(Exception):
+    """A request the backend refuses: HTTP status and the JSON body's fields."""
+
+    def __init__(self, status: int, message: str, **where: Any):
+        self.status = status
+        self.message = message
+        self.where = {k: v for k, v in where.items() if v is not None}
+        super().__init__(message)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": self.message, **self.where}, status_code=self.status)
+
+
+def _unreachable(exc: TokenfeedbackError) -> bool:
+    return isinstance(exc, UnavailableError | DeadlineExceededError)
+
+
+class Backend:
+    """The backend's state: clients, the submission log, the projects seen in /setup, training."""
+
+    def __init__(self, config: BackendConfig):
+        self.config = config
+        self.marks = MarkOptions(config.threshold, config.max_marks)
+        self.policy = PolicyClient(config.policy, token=config.token, timeout=30.0, connect_timeout=2.0)
+        self.trainer = TrainerClient(config.trainer, token=config.token, timeout=30.0, connect_timeout=0.5)
+        self.submissions = SubmissionLog(config.state)
+        self.projects: dict[str, dict] = {}  # Label Studio project id -> {hostname, access_token}
+        self.webhook_lock = asyncio.Lock()  # webhooks one at a time: an update's withdraws stay ordered
+        self.training_lock = threading.Lock()
+        self.training: dict[str, Any] = {"running": False}
+
+    def close(self) -> None:
+        self.policy.close()
+        self.trainer.close()
+        self.submissions.close()
+
+    # ---- /health, /setup ---------------------------------------------------------------
+
+    async def health(self, request: Request) -> JSONResponse:
+        try:
+            serving = await asyncio.to_thread(self.policy.serving, 0.5)
+        except TokenfeedbackError as exc:
+            return JSONResponse({"status": "DOWN", "error": f"policy server: {exc}"}, status_code=503)
+        if not serving:
+            return JSONResponse({"status": "DOWN", "error": "policy server: not SERVING yet"}, status_code=503)
+        return JSONResponse({"status": "UP", "model_class": "tokenfeedback", "training": dict(self.training)})
+
+    async def setup(self, request: Request) -> JSONResponse:
+        body = await _json_object(request)
+        project = _project_id(body.get("project"))
+        if project:
+            self.projects[project] = {"hostname": body.get("hostname") or "", "access_token": body.get("access_token") or ""}
+        try:
+            info = await asyncio.to_thread(self.policy.model_info, timeout=2.0)
+        except TokenfeedbackError as exc:
+            raise RequestError(503, f"policy server at {self.config.policy}: {exc}") from None
+        return JSONResponse({"model_version": model_version_name(info.model_version)})
+
+    # ---- /predict ----------------------------------------------------------------------
+
+    async def predict(self, request: Request) -> JSONResponse:
+        body = await _json_object(request)
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list):
+            raise RequestError(400, "tasks: expected a list of tasks")
+        project = _project_id(body.get("project"))
+        started = time.perf_counter()
+        limit = asyncio.Semaphore(self.config.predict_concurrency)
+
+        async def one(index: int, task: Any) -> dict:
+            async with limit:
+                return await asyncio.to_thread(self._predict_task, index, task, project)
+
+        results = await asyncio.gather(*(one(i, task) for i, task in enumerate(tasks)))
+        elapsed = time.perf_counter() - started
+        log.info("predict: %d tasks in %.1f ms (%.1f ms per task)", len(tasks), 1e3 * elapsed,
+                 1e3 * elapsed / max(1, len(tasks)))
+        return JSONResponse({"results": results})
+
+    def _predict_task(self, index: int, task: Any, project: str) -> dict:
+        """One task's prediction, or an empty one with an `error` (a task's own fault must not
+        cost the other tasks theirs: Label Studio drops a results list of the wrong length)."""
+        task_id = task.get("id") if isinstance(task, dict) else None
+        where = f"task {task_id}" if task_id is not None else f"tasks[{index}]"
+        try:
+            return self._predict_or_raise(task, project, where)
+        except (RequestError, TokenfeedbackError) as exc:  # not PolicyUnreachable: that fails the request
+            message = exc.message if isinstance(exc, RequestError) else str(exc)
+            log.warning("predict: %s: %s", where, message)
+            return {"result": [], "score": 0.0, "model_version": "", "error": f"{where}: {message}", "task": task_id}
+
+    def _predict_or_raise(self, task: Any, project: str, where: str) -> dict:
+        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+            raise RequestError(400, "task has no `data` object")
+        data = task["data"]
+        text_key = "completion" if "completion" in data else "text"
+        completion = data.get(text_key)
+        prompt = data.get("prompt", "")
+        if not isinstance(prompt, str) or not isinstance(completion, str | None):
+            raise RequestError(400, "data.prompt and data.completion must be strings")
+        if not completion and not prompt:
+            raise RequestError(400, "task has no text: data.completion (or data.text) and data.prompt are empty")
+        try:
+            if completion:
+                return self._score(data, prompt, completion)
+            return self._generate(task, data, prompt, project, where)
+        except TokenfeedbackError as exc:
+            if _unreachable(exc):  # the whole request fails: Label Studio stores nothing, can retry
+                raise PolicyUnreachable(f"policy server at {self.config.policy} unreachable: {exc}") from None
+            raise
+
+    def _score(self, data: dict, prompt: str, completion: str) -> dict:
+        prompt_ids, completion_ids = data.get("prompt_token_ids"), data.get("completion_token_ids")
+        scored = self.policy.score(prompt_ids or prompt, completion_ids or completion)
+        if completion_ids and scored.completion_text != completion:
+            raise RequestError(400, "data.completion_token_ids decode to "
+                               f"{scored.completion_text!r}, not data.completion {completion!r}")
+        return prediction(completion, scored.tokens, model_version_name(scored.model_version), self.marks)
+
+    def _generate(self, task: dict, data: dict, prompt: str, project: str, where: str) -> dict:
+        """A prompt-only task: sample a completion, write it (with its token ids, the truth, and
+        model version) into the task through Label Studio's API so the annotator labels it, and
+        return it with the prediction."""
+        done = self.policy.complete(
+            data.get("prompt_token_ids") or prompt,
+            max_new_tokens=self.config.max_new_tokens,
+            temperature=self.config.temperature,
+            seed=self.config.seed,
+        )
+        generated = {
+            "completion": done.text,
+            "prompt_token_ids": done.prompt_token_ids,
+            "completion_token_ids": done.token_ids,
+            "model_version": done.model_version,
+        }
+        item = prediction(done.text, done.tokens, model_version_name(done.model_version), self.marks)
+        item["completion"] = generated
+        item["task_updated"] = self._write_task_data(task, {**data, **generated}, project, where)
+        return item
+
+    def _write_task_data(self, task: dict, data: dict, project: str, where: str) -> bool:
+        known = self.projects.get(project, {})
+        base = (self.config.label_studio_url or known.get("hostname") or "").rstrip("/")
+        token = self.config.label_studio_token or known.get("access_token") or ""
+        if not base or not token or task.get("id") is None:
+            log.warning("predict: %s: generated a completion but cannot write it into the task (no Label "
+                        "Studio address/token from /setup or --label-studio-url/--label-studio-token)", where)
+            return False
+        request = urllib.request.Request(
+            f"{base}/api/tasks/{task['id']}", data=json.dumps({"data": data}).encode(), method="PATCH",
+            headers={"Content-Type": "application/json", "Authorization": f"Token {token}"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                reply.read()
+            return True
+        except (urllib.error.URLError, OSError) as exc:
+            log.warning("predict: %s: writing the generated completion into the task at %s failed: %s", where, base, exc)
+            return False
+
+    # ---- /webhook ----------------------------------------------------------------------
+
+    async def webhook(self, request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        body = await _json_object(request)
+        action = body.get("action")
+        if action == "START_TRAINING":
+            reply = self.start_training(body)
+        elif action in ANNOTATION_SAVED or action in ANNOTATION_DELETED:
+            async with self.webhook_lock:
+                deadline = time.monotonic() + self.config.webhook_budget
+                if action in ANNOTATION_DELETED:
+                    reply = await asyncio.to_thread(self._deleted, body, deadline)
+                else:
+                    reply = await asyncio.to_thread(self._saved_all, body, action, deadline)
+        else:
+            reply = {"status": "ignored", "action": action}
+        reply["elapsed_ms"] = round(1e3 * (time.perf_counter() - started), 2)
+        log.info("webhook %s: %s", action, json.dumps(reply, ensure_ascii=False))
+        return JSONResponse(reply)
+
+    def _saved_all(self, body: dict, action: str, deadline: float) -> dict:
+        """ANNOTATION_CREATED/UPDATED carry one annotation and its task; ANNOTATIONS_CREATED lists."""
+        annotations, tasks = body.get("annotation"), body.get("task")
+        if action != "ANNOTATIONS_CREATED":
+            return self._saved(tasks, annotations, action, deadline)
+        if not isinstance(annotations, list) or not isinstance(tasks, list) or len(annotations) != len(tasks):
+            raise RequestError(400, "ANNOTATIONS_CREATED: expected equally long `annotation` and `task` lists")
+        replies = [self._saved(task, annotation, action, deadline) for task, annotation in zip(tasks, annotations, strict=True)]
+        return {"status": "ok", "annotations": replies}
+
+    def _saved(self, task: Any, annotation: Any, action: str, deadline: float) -> dict:
+        if not isinstance(task, dict) or not isinstance(annotation, dict):
+            raise RequestError(400, f"{action}: expected `task` and `annotation` objects")
+        task_id, annotation_id = task.get("id"), annotation.get("id")
+        where = {"task": task_id, "annotation": annotation_id}
+        earlier = self.submissions.active(annotation_id)
+        try:
+            sequence = labelstudio_sequence(task, annotation, to_name=self.config.to_name or None)
+        except Skipped as skip:  # cancelled, or every region removed: nothing to train on any more
+            withdrawn = self._withdraw(earlier, deadline, where)
+            return {"status": "skipped", "reason": skip.reason, "withdrawn": withdrawn, **where}
+        except ConversionError as exc:
+            log.warning("webhook %s rejected, nothing submitted: %s", action, exc)
+            raise RequestError(400, str(exc), **where) from None
+        sequence.metadata["labelstudio_action"] = action
+        key = sequence.annotation_id
+        try:
+            [result] = self.trainer.submit([sequence], timeout=_remaining(deadline))
+        except TokenfeedbackError as exc:
+            raise self._trainer_error(exc, sequence, where) from None
+        self.submissions.add(key, annotation_id, task_id)
+        stale = [old for old in earlier if old != key]
+        try:
+            withdrawn = self._withdraw(stale, deadline, where)
+        except RequestError:  # keep "nothing half-submitted": take the new version back too
+            if result.status == trainer_pb2.SUBMIT_STATUS_ACCEPTED:
+                try:
+                    self.trainer.withdraw([key], timeout=1.0)
+                    self.submissions.mark_withdrawn([key])
+                except TokenfeedbackError as exc:
+                    log.error("webhook %s: task %s annotation %s: %s is stored next to the earlier version "
+                              "%s, and withdrawing it failed too: %s", action, task_id, annotation_id, key, stale, exc)
+            raise
+        status = trainer_pb2.SubmitStatus.Name(result.status).removeprefix("SUBMIT_STATUS_").lower()
+        return {"status": status, "annotation_id": key, "rows": result.rows, "withdrawn": withdrawn, **where}
+
+    def _deleted(self, body: dict, deadline: float) -> dict:
+        """Label Studio sends only the deleted annotations' ids: withdraw every version stored."""
+        annotations = body.get("annotations", body.get("annotation"))
+        annotations = [annotations] if isinstance(annotations, dict) else annotations
+        if not isinstance(annotations, list) or not all(isinstance(a, dict) and "id" in a for a in annotations):
+            raise RequestError(400, "ANNOTATIONS_DELETED: expected `annotations`: [{\"id\": ...}, ...]")
+        keys, ids = [], []
+        for annotation in annotations:
+            ids.append(annotation["id"])
+            keys.extend(self.submissions.active(annotation["id"]))
+            if annotation.get("updated_at") and isinstance(body.get("task"), dict):  # a full payload names its key
+                keys.append(labelstudio_annotation_id(body["task"].get("id"), annotation["id"], annotation["updated_at"]))
+        withdrawn = self._withdraw(sorted(set(keys)), deadline, {"annotation": ids})
+        return {"status": "withdrawn", "withdrawn": withdrawn, "annotation": ids}
+
+    def _withdraw(self, keys: list[str], deadline: float, where: dict) -> int:
+        if not keys:
+            return 0
+        try:
+            reply = self.trainer.withdraw(keys, timeout=_remaining(deadline))
+        except TokenfeedbackError as exc:
+            log.warning("webhook: withdrawing %s (%s) failed: %s", keys, where, exc)
+            raise RequestError(503 if _unreachable(exc) else 502,
+                               f"trainer at {self.config.trainer}: withdrawing {keys} failed: {exc}", **where) from None
+        self.submissions.mark_withdrawn(keys)
+        return reply.withdrawn
+
+    def _trainer_error(self, exc: TokenfeedbackError, sequence, where: dict) -> RequestError:
+        """The trainer refused or could not be reached; nothing of the annotation is stored."""
+        region = None
+        if exc.field and "span_labels[" in exc.field:  # name the region the trainer's message is about
+            index = int(exc.field.split("span_labels[", 1)[1].split("]", 1)[0])
+            if index < len(sequence.span_labels):
+                span = sequence.span_labels[index]
+                region = {"start": span.start, "end": span.end, "text": span.text}
+        if _unreachable(exc):
+            status, message = 503, f"trainer at {self.config.trainer} unreachable: {exc}"
+        elif isinstance(exc, InvalidArgumentError):
+            status, message = 400, f"trainer rejected the annotation: {exc.message}"
+        else:
+            status, message = 502, f"trainer at {self.config.trainer}: {exc}"
+        log.warning("webhook rejected, nothing submitted: task %s, annotation %s%s: %s", where.get("task"),
+                    where.get("annotation"), f", region {region}" if region else "", message)
+        return RequestError(status, message, region=region, **where)
+
+    # ---- training ----------------------------------------------------------------------
+
+    def start_training(self, body: dict) -> dict:
+        """START_TRAINING: run the trainer's Train in a background thread; answer at once."""
+        with self.training_lock:
+            if self.training.get("running"):
+                return {"status": "already training", "training": dict(self.training)}
+            self.training = {"running": True, "started_at": time.time(), "project": _project_id(
+                (body.get("project") or {}).get("id") if isinstance(body.get("project"), dict) else body.get("project"))}
+        threading.Thread(target=self._train, name="labelstudio-train", daemon=True).start()
+        return {"status": "training started", "steps": self.config.train_steps}
+
+    def _train(self) -> None:
+        last = None
+        try:
+            for progress in self.trainer.train(self.config.train_steps, timeout=None):
+                last = progress
+                self.training.update(step=progress.step, total_steps=progress.total_steps, loss=progress.loss,
+                                     model_version=progress.model_version)
+            outcome = {"published_version": last.published_version if last else None,
+                       "message": last.message if last else "no progress"}
+            log.info("training done: %s", outcome)
+        except TokenfeedbackError as exc:
+            outcome = {"error": str(exc)}
+            log.error("training failed: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - a background thread must report, not vanish
+            outcome = {"error": f"{type(exc).__name__}: {exc}"}
+            log.exception("training failed")
+        with self.training_lock:
+            self.training.update(running=False, finished_at=time.time(), **outcome)
+
+
+class PolicyUnreachable(Exception):
+    """The policy server cannot be reached: the whole /predict fails (503)."""
+
+
+def model_version_name(version: int) -> str:
+    return f"tokenfeedback-v{version}"
+
+
+def _remaining(deadline: float) -> float:
+    return max(0.05, deadline - time.monotonic())
+
+
+def _project_id(project: Any) -> str:
+    """Label Studio sends "<id>.<created unix time>" in /setup and /predict, the id elsewhere."""
+    return "" if project is None else str(project).split(".", 1)[0]
+
+
+async def _json_object(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(400, f"request body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, f"request body: expected a JSON object, got {type(body).__name__}")
+    return body
+
+
+# ---- the app and the server ------------------------------------------------------------------
+
+
+def create_app(config: BackendConfig) -> Starlette:
+    backend = Backend(config)
+
+    def endpoint(method):
+        async def handle(request: Request) -> JSONResponse:
+            try:
+                return await method(request)
+            except RequestError as exc:
+                return exc.response()
+            except PolicyUnreachable as exc:
+                log.warning("%s %s: %s", request.method, request.url.path, exc)
+                return JSONResponse({"error": str(exc)}, status_code=503)
+
+        return handle
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        backend.close()
+
+    app = Starlette(
+        routes=[
+            Route("/health", endpoint(backend.health), methods=["GET"]),
+            Route("/", endpoint(backend.health), methods=["GET"]),
+            Route("/setup", endpoint(backend.setup), methods=["POST"]),
+            Route("/predict", endpoint(backend.predict), methods=["POST"]),
+            Route("/webhook", endpoint(backend.webhook), methods=["POST"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.backend = backend
+    return app
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `labelstudio-backend` options (shared by the CLI and `python -m tokenfeedback.labelstudio`)."""
+    d = BackendConfig("", "")
+    parser.add_argument("--policy", required=True, help="policy server HOST:PORT")
+    parser.add_argument("--trainer", required=True, help="trainer server HOST:PORT")
+    parser.add_argument("--host", default=d.host, help=f"bind address (default {d.host})")
+    parser.add_argument("--port", type=int, default=d.port, help=f"HTTP port, 0 for a free one (default {d.port})")
+    parser.add_argument("--threshold", type=float, default=d.threshold,
+                        help=f"pre-mark tokens with probability below this (default {d.threshold})")
+    parser.add_argument("--max-marks", type=int, default=d.max_marks,
+                        help=f"at most this many pre-marked tokens per task (default {d.max_marks})")
+    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                        help="length of completions generated for prompt-only tasks")
+    parser.add_argument("--temperature", type=float, default=d.temperature, help="their sampling temperature")
+    parser.add_argument("--seed", type=int, default=None, help="their sampling seed (default: fresh)")
+    parser.add_argument("--train-steps", type=int, default=d.train_steps,
+                        help="steps per START_TRAINING (0: one pass over pending annotations)")
+    parser.add_argument("--state", default=d.state, help=f"SQLite file of submitted ids (default {d.state})")
+    parser.add_argument("--webhook-budget", type=float, default=d.webhook_budget,
+                        help="seconds a webhook may spend on trainer calls (Label Studio waits 1)")
+    parser.add_argument("--to-name", default=d.to_name, help="only regions on this <Text> tag (default: all)")
+    parser.add_argument("--label-studio-url", default="", help="Label Studio address (default: from /setup)")
+    parser.add_argument("--label-studio-token", default="", help="Label Studio API token (default: from /setup)")
+    parser.add_argument("--token", default=None, help="bearer token for the policy and trainer servers")
+
+
+def config_from_args(args: argparse.Namespace) -> BackendConfig:
+    return BackendConfig(
+        policy=args.policy, trainer=args.trainer, host=args.host, port=args.port, threshold=args.threshold,
+        max_marks=args.max_marks, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        seed=args.seed, train_steps=args.train_steps, state=args.state, webhook_budget=args.webhook_budget,
+        to_name=args.to_name, label_studio_url=args.label_studio_url, label_studio_token=args.label_studio_token,
+        token=args.token,
+    )
+
+
+def serve(config: BackendConfig) -> None:
+    """Bind, announce `tokenfeedback: labelstudio-backend listening on HOST:PORT`, serve until
+    SIGINT/SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info("config: %s", {k: v for k, v in asdict(config).items() if k != "token"})
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((config.host, config.port))
+    sock.listen(128)  # connections queue here until uvicorn accepts them
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(config), log_level="warning", access_log=False))
+    # The line tests and scripts wait for (the servers' convention, common/process.py).
+    print(f"tokenfeedback: labelstudio-backend listening on {config.host}:{port}", flush=True)
+    asyncio.run(server.serve(sockets=[sock]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="tokenfeedback labelstudio-backend", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    serve(config_from_args(parser.parse_args(argv)))

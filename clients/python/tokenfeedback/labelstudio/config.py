@@ -1,0 +1,48 @@
+"""The labeling config that ships with the Label Studio backend (`tokenfeedback labelstudio-config`).
+
+A task is a model completion: `prompt` (shown, not labeled) and `completion` (labeled). The
+annotator selects characters of the completion and labels them Bad or Good; a Bad span can carry
+the text that should replace it in a per-region text area. The backend and the conversion find the
+results by these tag names, so a project that renames them must say so (see LabelNames).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LabelNames:
+    """Tag names of the shipped config; the conversion reads results by them."""
+
+    prompt: str = "prompt"  # <Text> showing data.prompt
+    completion: str = "completion"  # <Text> showing data.completion, the labeled text
+    labels: str = "label"  # <Labels> with the span labels
+    replacement: str = "replacement"  # per-region <TextArea> for a Bad span's replacement text
+    bad: str = "Bad"  # label value of a wrong span (weight -1)
+    good: str = "Good"  # label value of a right span (weight +1)
+
+
+NAMES = LabelNames()
+
+LABEL_CONFIG = f"""<View>
+  <Header value="Prompt"/>
+  <Text name="{NAMES.prompt}" value="$prompt"/>
+  <Header value="Completion: select the wrong text and label it Bad (or the right text, Good)"/>
+  <Labels name="{NAMES.labels}" toName="{NAMES.completion}" choice="single">
+    <Label value="{NAMES.bad}" background="#e5484d" hotkey="b"/>
+    <Label value="{NAMES.good}" background="#30a46c" hotkey="g"/>
+  </Labels>
+  <Text name="{NAMES.completion}" value="$completion"/>
+  <View visibleWhen="region-selected" whenTagName="{NAMES.labels}" whenLabelValue="{NAMES.bad}">
+    <Header value="What should this Bad span say instead? (optional)"/>
+    <TextArea name="{NAMES.replacement}" toName="{NAMES.completion}" perRegion="true" editable="true"
+              maxSubmissions="1" rows="1" placeholder="replacement text, e.g. France"/>
+  </View>
+</View>
+"""
+
+
+def label_config() -> str:
+    """The labeling config XML to paste into a project's Settings -> Labeling Interface -> Code."""
+    return LABEL_CONFIG
