@@ -222,7 +222,7 @@ class Connection:
 
     def _error(self, exc: grpc.RpcError, name: str, timeout: float | None) -> TokenfeedbackError:
         error = from_rpc_error(exc, method=name, address=self.address)
-        if error.code == grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
+        if error.code == grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None and "Deadline Exceeded" in error.message:
             error = type(error)(f"{error.message} (no answer within the {timeout:g}s deadline)",
                                 code=error.code, method=name, address=self.address)
         elif error.code == grpc.StatusCode.UNAVAILABLE and _TRANSPORT.search(error.message):

@@ -12,8 +12,10 @@ import re
 
 import grpc
 
-# "sequences[0].token_labels[1].weight: must be finite, got nan" -> "sequences[0].token_labels[1].weight"
-_FIELD = re.compile(r"^([A-Za-z_][\w]*(?:\[\d+\])?(?:\.[A-Za-z_][\w]*(?:\[\d+\])?)*): ")
+# "sequences[0] (annotation_id='a').token_labels[1].weight: must be finite, got nan"
+#   -> "sequences[0] (annotation_id='a').token_labels[1].weight"
+_PART = r"[A-Za-z_]\w*(?:\[\d+\])*(?: \((?:'[^']*'|\"[^\"]*\"|[^()'\"])*\))?"
+_FIELD = re.compile(rf"^({_PART}(?:\.{_PART})*): ")
 
 
 class TokenfeedbackError(Exception):
