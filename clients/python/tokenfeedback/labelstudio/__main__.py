@@ -1,6 +1,7 @@
-"""`python -m tokenfeedback.labelstudio --policy HOST:PORT --trainer HOST:PORT --port N`: the backend
-(the same as `tokenfeedback labelstudio-backend`)."""
+"""`python -m tokenfeedback.labelstudio ARGS` is `tokenfeedback labelstudio-backend ARGS`."""
 
-from tokenfeedback.labelstudio.backend import main
+import sys
 
-main()
+from tokenfeedback.cli import main
+
+sys.exit(main(["labelstudio-backend", *sys.argv[1:]]))

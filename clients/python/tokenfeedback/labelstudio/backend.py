@@ -80,6 +80,7 @@ class BackendConfig:
     to_name: str = ""  # keep only regions on this Text tag; "" keeps all labels/textarea regions
     label_studio_url: str = ""  # Label Studio's address for writing generated completions; "" from /setup
     label_studio_token: str = ""  # its API token; "" uses the one /setup sends
+    tls_ca: str | None = None  # PEM root certificate(s) of the gRPC servers; None: plaintext
     token: str | None = field(default=None, repr=False)  # bearer token for the gRPC servers (auth on)
 
     def __post_init__(self):
@@ -113,8 +114,9 @@ class Backend:
     def __init__(self, config: BackendConfig):
         self.config = config
         self.marks = MarkOptions(config.threshold, config.max_marks)
-        self.policy = PolicyClient(config.policy, token=config.token, timeout=30.0, connect_timeout=2.0)
-        self.trainer = TrainerClient(config.trainer, token=config.token, timeout=30.0, connect_timeout=0.5)
+        tls = dict(root_certificates=config.tls_ca, tls=True if config.tls_ca else None, token=config.token)
+        self.policy = PolicyClient(config.policy, timeout=30.0, connect_timeout=2.0, **tls)
+        self.trainer = TrainerClient(config.trainer, timeout=30.0, connect_timeout=0.5, **tls)
         self.submissions = SubmissionLog(config.state)
         self.projects: dict[str, dict] = {}  # Label Studio project id -> {hostname, access_token}
         self.webhook_lock = asyncio.Lock()  # webhooks one at a time: an update's withdraws stay ordered
@@ -436,6 +438,9 @@ def create_app(config: BackendConfig) -> Starlette:
             except PolicyUnreachable as exc:
                 log.warning("%s %s: %s", request.method, request.url.path, exc)
                 return JSONResponse({"error": str(exc)}, status_code=503)
+            except Exception as exc:  # noqa: BLE001 - a JSON answer and a log line, never a bare 500
+                log.exception("%s %s failed", request.method, request.url.path)
+                return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
         return handle
 
@@ -459,10 +464,9 @@ def create_app(config: BackendConfig) -> Starlette:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `labelstudio-backend` options (shared by the CLI and `python -m tokenfeedback.labelstudio`)."""
+    """The `labelstudio-backend` options. --policy, --trainer, --tls-ca and the token (--token-file
+    or $TOKENFEEDBACK_TOKEN) are the CLI's global connection options."""
     d = BackendConfig("", "")
-    parser.add_argument("--policy", required=True, help="policy server HOST:PORT")
-    parser.add_argument("--trainer", required=True, help="trainer server HOST:PORT")
     parser.add_argument("--host", default=d.host, help=f"bind address (default {d.host})")
     parser.add_argument("--port", type=int, default=d.port, help=f"HTTP port, 0 for a free one (default {d.port})")
     parser.add_argument("--threshold", type=float, default=d.threshold,
@@ -470,27 +474,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-marks", type=int, default=d.max_marks,
                         help=f"at most this many pre-marked tokens per task (default {d.max_marks})")
     parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
-                        help="length of completions generated for prompt-only tasks")
-    parser.add_argument("--temperature", type=float, default=d.temperature, help="their sampling temperature")
+                        help=f"length of completions generated for prompt-only tasks (default {d.max_new_tokens})")
+    parser.add_argument("--temperature", type=float, default=d.temperature,
+                        help=f"their sampling temperature (default {d.temperature})")
     parser.add_argument("--seed", type=int, default=None, help="their sampling seed (default: fresh)")
     parser.add_argument("--train-steps", type=int, default=d.train_steps,
-                        help="steps per START_TRAINING (0: one pass over pending annotations)")
+                        help="optimizer steps per START_TRAINING (default 0: one pass over pending annotations)")
     parser.add_argument("--state", default=d.state, help=f"SQLite file of submitted ids (default {d.state})")
     parser.add_argument("--webhook-budget", type=float, default=d.webhook_budget,
-                        help="seconds a webhook may spend on trainer calls (Label Studio waits 1)")
+                        help=f"seconds a webhook may spend on trainer calls (default {d.webhook_budget}; "
+                             "Label Studio waits 1)")
     parser.add_argument("--to-name", default=d.to_name, help="only regions on this <Text> tag (default: all)")
-    parser.add_argument("--label-studio-url", default="", help="Label Studio address (default: from /setup)")
-    parser.add_argument("--label-studio-token", default="", help="Label Studio API token (default: from /setup)")
-    parser.add_argument("--token", default=None, help="bearer token for the policy and trainer servers")
+    parser.add_argument("--label-studio-url", default="",
+                        help="Label Studio address for writing generated completions (default: from /setup)")
+    parser.add_argument("--label-studio-token", default="", help="its API token (default: from /setup)")
 
 
-def config_from_args(args: argparse.Namespace) -> BackendConfig:
+def config_from_args(args: argparse.Namespace, *, token: str | None = None) -> BackendConfig:
     return BackendConfig(
         policy=args.policy, trainer=args.trainer, host=args.host, port=args.port, threshold=args.threshold,
         max_marks=args.max_marks, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         seed=args.seed, train_steps=args.train_steps, state=args.state, webhook_budget=args.webhook_budget,
         to_name=args.to_name, label_studio_url=args.label_studio_url, label_studio_token=args.label_studio_token,
-        token=args.token,
+        tls_ca=getattr(args, "tls_ca", None), token=token,
     )
 
 
@@ -509,9 +515,3 @@ def serve(config: BackendConfig) -> None:
     # The line tests and scripts wait for (the servers' convention, common/process.py).
     print(f"tokenfeedback: labelstudio-backend listening on {config.host}:{port}", flush=True)
     asyncio.run(server.serve(sockets=[sock]))
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="tokenfeedback labelstudio-backend", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    serve(config_from_args(parser.parse_args(argv)))
