@@ -56,6 +56,7 @@ class TrainerConfig:
     # ---- model and transport ----
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (float32 on cpu, bfloat16 on cuda) | float32 | bfloat16 | float16
+    threads: int = 0  # torch intra-op threads per process; 0 keeps torch's default
     publish_timeout: float = 120.0  # seconds one UpdateWeights may take before it is retried
     publish_retry: float = 2.0  # seconds between retries to an unreachable policy server
     chunk_bytes: int = 4 * 1024 * 1024  # UpdateWeights chunk size (the proto's limit is 4 MiB)
@@ -162,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--checkpoint-pause", type=float, default=d.checkpoint_pause, help=argparse.SUPPRESS)
     a("--device", default=d.device, help="auto | cpu | cuda[:N] (default %(default)s)")
     a("--dtype", default=d.dtype, help="auto | float32 | bfloat16 | float16 (default %(default)s)")
+    a("--threads", type=int, default=d.threads, help="torch threads per process, 0 = torch default")
     a("--publish-timeout", type=float, default=d.publish_timeout, help="seconds per UpdateWeights")
     a("--publish-retry", type=float, default=d.publish_retry, help="seconds between publish retries")
     return p

@@ -197,11 +197,12 @@ class AnnotationStore:
                     f"SELECT annotation_id FROM annotations WHERE annotation_id IN ({marks})", part))
         return found
 
-    def pending(self, limit: int) -> list[StoredAnnotation]:
-        """The oldest pending annotations."""
+    def pending(self, limit: int, after_seq: int = 0) -> list[StoredAnnotation]:
+        """The oldest pending annotations that arrived after `after_seq`."""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM annotations WHERE state = ? ORDER BY seq LIMIT ?", (PENDING, limit)
+                f"SELECT {_COLUMNS} FROM annotations WHERE state = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (PENDING, after_seq, limit),
             ).fetchall()
         return [_decode(r) for r in rows]
 

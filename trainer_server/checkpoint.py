@@ -1,0 +1,158 @@
+"""Checkpoints: policy weights (safetensors), optimizer state, and where training stands.
+
+A checkpoint is a folder `checkpoints/ckpt-<step>` holding model.safetensors, optimizer.pt and
+meta.json (step, model version, beta, the replay cursor, and the file sizes and SHA-256s).
+It is written atomically: everything goes into a temporary folder, each file is fsync'd, the
+folder is fsync'd, renamed to its final name, and the parent folder is fsync'd. A crash at any
+moment leaves either no new folder (only a `.tmp-*` one, removed at the next start) or a
+complete one, so the previous checkpoint always stays loadable.
+
+The store's consumed marks belong to a checkpoint: meta.json records the step, and on resume
+`AnnotationStore.restore_consumed(step)` puts back to pending every annotation first consumed
+after that step (the saved weights never trained on them). The reference model is never saved:
+it is the weights training started from, loaded again from --model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from common.weights import aliases, unique_tensors
+
+log = logging.getLogger(__name__)
+
+CKPT = re.compile(r"^ckpt-(\d{10})$")
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    step: int  # optimizer steps taken
+    model_version: int  # the version last published
+    beta: float  # the KL coefficient in force (adaptive beta moves)
+    replay_cursor: int  # store seq the replay over consumed annotations continues after
+    model: str  # --model the policy was fine-tuned from
+    created_at: float
+    format: int = FORMAT
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Checkpoints:
+    """Writes and finds checkpoints under `root`."""
+
+    def __init__(self, root: Path, keep: int = 3, pause: float = 0.0):
+        self.root = root
+        self.keep = keep
+        self.pause = pause  # tests only: a window in which the folder is complete but not renamed
+        root.mkdir(parents=True, exist_ok=True)
+
+    def clean_partial(self) -> list[Path]:
+        """Remove folders a crash left half-written."""
+        removed = []
+        for path in self.root.glob(".tmp-*"):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        return removed
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoint folders, newest first."""
+        found = [p for p in self.root.iterdir() if p.is_dir() and CKPT.match(p.name)]
+        return sorted(found, key=lambda p: p.name, reverse=True)
+
+    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: CheckpointMeta) -> Path:
+        final = self.root / f"ckpt-{meta.step:010d}"
+        tmp = self.root / f".tmp-ckpt-{meta.step:010d}-{os.getpid()}-{time.monotonic_ns()}"
+        tmp.mkdir()
+        try:
+            state = {k: v.detach().to("cpu").contiguous() for k, v in unique_tensors(model.state_dict()).items()}
+            save_file(state, str(tmp / "model.safetensors"), metadata={"step": str(meta.step)})
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            files = {}
+            for name in ("model.safetensors", "optimizer.pt"):
+                _fsync_file(tmp / name)
+                files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            with open(tmp / "meta.json", "w") as f:
+                json.dump({**asdict(meta), "files": files}, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(tmp)
+            if self.pause:
+                time.sleep(self.pause)
+            if final.exists():  # the same step saved again (e.g. SaveCheckpoint twice): replace it
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for old in self.complete()[self.keep :]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def read_meta(self, path: Path, verify: bool = True) -> CheckpointMeta:
+        """meta.json of a checkpoint; with verify, the files' sizes and checksums are checked."""
+        raw = json.loads((path / "meta.json").read_text())
+        files = raw.pop("files")
+        if verify:
+            for name, expected in files.items():
+                actual = path / name
+                if actual.stat().st_size != expected["bytes"] or _sha256(actual) != expected["sha256"]:
+                    raise ValueError(f"{actual}: size or checksum differs from meta.json")
+        return CheckpointMeta(**raw)
+
+    def newest(self) -> tuple[Path, CheckpointMeta] | None:
+        """The newest checkpoint that verifies; broken ones are skipped with a warning."""
+        for path in self.complete():
+            try:
+                return path, self.read_meta(path)
+            except Exception as exc:  # noqa: BLE001 - a damaged checkpoint must not stop the start
+                log.warning("skipping checkpoint %s: %s", path, exc)
+        return None
+
+
+def load_into(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load a checkpoint's weights (and optimizer state) into live objects."""
+    state = load_file(str(path / "model.safetensors"), device="cpu")
+    expected = model.state_dict()
+    canonical = aliases(expected)
+    missing = [k for k in expected if canonical[k] not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, tensor in expected.items():
+            tensor.copy_(state[canonical[name]])
+    if optimizer is not None:
+        device = next(model.parameters()).device
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))

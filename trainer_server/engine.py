@@ -1,0 +1,468 @@
+"""The trainer engine: store, validation, training loop, versions, checkpoints. No gRPC here.
+
+The servicer (service.py) and the benchmarks drive this class; it works on dataclasses and raises
+common.errors exceptions. Blocking methods (submit, train, save_checkpoint) are called from worker
+threads; one training run at a time (a second Train waits for the first).
+
+Versions: 0 is the weights --model names. Each publish raises the version: the new weights go out
+under max(own version, highest version any policy server holds) + 1, so a trainer that restarted
+behind a server never sends a version the server must refuse. Publishing happens every
+`publish_every` steps and at the end of a Train call, also when no policy server is configured
+(the version then just names the weights).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from common.errors import FailedPrecondition, InvalidArgument, NotFound
+from common.hf import load_causal_lm
+from common.weights import unique_tensors
+from trainer_server.checkpoint import CheckpointMeta, Checkpoints, load_into
+from trainer_server.config import VARIANTS, TrainerConfig, parse_horizon
+from trainer_server.distributed import Collective
+from trainer_server.rows import horizon_rows, scaled, stale_factor
+from trainer_server.store import AnnotationStore, StoredAnnotation
+from trainer_server.training import Example, PolicyTrainer, StepParams, StepResult
+from trainer_server.validate import SequenceInput, Validator, sequence_field
+
+log = logging.getLogger(__name__)
+
+MAX_TRAIN_STEPS = 1_000_000
+
+
+@dataclass(frozen=True)
+class SubmitOutcome:
+    annotation_id: str
+    status: str  # "accepted" | "duplicate" | "rejected"
+    reason: str = ""
+    rows: int = 0
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """A Train request: steps (0: one pass over pending) and per-call overrides (None: configured)."""
+
+    steps: int = 0
+    variant: str | None = None
+    beta: float | None = None
+    learning_rate: float | None = None
+    batch_size: int | None = None
+    horizon: str | None = None
+    gamma: float | None = None
+    publish: bool = True
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One TrainProgress message."""
+
+    step: int
+    total_steps: int
+    loss: float = 0.0
+    token_loss: float = 0.0
+    kl: float = 0.0
+    beta: float = 0.0
+    mean_abs_weight: float = 0.0
+    tokens_per_second: float = 0.0
+    rows: int = 0
+    sequences: int = 0
+    model_version: int = 0
+    published_version: int = 0
+    skipped: bool = False
+    done: bool = False
+    message: str = ""
+    horizon: str = "1"
+    gamma: float = 1.0
+
+
+@dataclass
+class Status:
+    counts: dict[str, int]
+    model_version: int
+    step: int
+    last_loss: float
+    last_token_loss: float
+    last_kl: float
+    beta: float
+    variant: str
+    horizon: str
+    gamma: float
+    training: bool
+    policies: list = field(default_factory=list)  # publish.PolicyState
+    model_name: str = ""
+
+
+class TrainerEngine:
+    """Owns the policy, the reference, the optimizer, the store (rank 0) and the checkpoints."""
+
+    def __init__(self, config: TrainerConfig, collective: Collective | None = None):
+        self.config = config
+        self.collective = collective or Collective(config.rank, config.world_size)
+        self.publisher = None  # set by the service: an object with publish_blocking / max_version / set_current
+        self.store: AnnotationStore | None = None
+        self.checkpoints: Checkpoints | None = None
+        self.trainer: PolicyTrainer | None = None
+        self.validator: Validator | None = None
+        self.version = 0
+        self.step = 0
+        self.beta = config.beta
+        self.replay_cursor = 0
+        self.last: StepResult | None = None
+        self.training = False
+        self.loaded = False
+        self._train_lock = threading.Lock()
+        self._state_lock = threading.Lock()  # version / step / beta read by status while training
+        self._dirty = False  # weights changed since the last publish
+
+    # ---- start-up ----
+
+    def load(self) -> None:
+        """Load the model (policy = reference = --model), open the store, resume the newest
+        checkpoint. Collective: every rank calls it."""
+        c = self.config
+        torch.manual_seed(c.seed)
+        loaded = load_causal_lm(c.model, device=c.device, dtype="float32" if c.dtype == "auto" else c.dtype)
+        self.device = loaded.device
+        self.tokenizer = loaded.tokenizer
+        model = loaded.model
+        reference = copy.deepcopy(model)  # the weights training starts from, frozen (ties kept)
+        model.requires_grad_(True)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.trainer = PolicyTrainer(model, reference, self.collective, learning_rate=c.learning_rate,
+                                     weight_decay=c.weight_decay, micro_batch_size=c.micro_batch_size,
+                                     pad_id=int(pad_id))
+        self.max_seq_len = min(c.max_seq_len, loaded.max_length)
+        self.vocab_size = loaded.vocab_size
+        self.validator = Validator(self.tokenizer, self.vocab_size, self.max_seq_len, c.bad_span_share)
+        self.checkpoints = Checkpoints(c.data / "checkpoints", keep=c.keep_checkpoints, pause=c.checkpoint_pause)
+        found = None
+        if self.collective.leader:
+            c.data.mkdir(parents=True, exist_ok=True)
+            for path in self.checkpoints.clean_partial():
+                log.warning("removed a partial checkpoint %s", path)
+            self.store = AnnotationStore(c.data / "annotations.sqlite", sync=c.sync)
+            found = self.checkpoints.newest()
+        found = self.collective.broadcast(found)
+        if found is not None:
+            path, meta = found
+            if meta.model != c.model:
+                log.warning("checkpoint %s was trained from %s, --model is %s", path, meta.model, c.model)
+            load_into(path, self.trainer.model, self.trainer.optimizer)
+            self.step, self.version, self.beta, self.replay_cursor = meta.step, meta.model_version, meta.beta, meta.replay_cursor
+            if self.store is not None:
+                restored = self.store.restore_consumed(meta.step)
+                log.info("resumed %s: step %d, version %d (%d annotations back to pending)",
+                         path, meta.step, meta.model_version, restored)
+        elif self.store is not None:
+            self.store.restore_consumed(0)
+        self.loaded = True
+
+    def close(self) -> None:
+        if self.collective.active and self.collective.leader:
+            self.collective.broadcast(("stop",))
+        if self.store is not None:
+            self.store.close()
+
+    # ---- annotations ----
+
+    def submit(self, sequences: list[SequenceInput], partial_ok: bool = False) -> list[SubmitOutcome]:
+        """Validate the whole request, then store the valid sequences in one transaction.
+        Without partial_ok any invalid sequence fails the call and nothing is stored."""
+        self._require_loaded()
+        limit = self.config.max_batch_sequences
+        if not 1 <= len(sequences) <= limit:
+            raise InvalidArgument(f"must hold 1..{limit} sequences, got {len(sequences)}", "sequences")
+        horizon, gamma = parse_horizon(self.config.horizon), self.config.gamma
+        known = self.store.existing([s.annotation_id for s in sequences if s.annotation_id])
+        version = self.version
+        outcomes: list[SubmitOutcome | None] = []
+        valid = []  # (index in request, Annotation)
+        for i, seq in enumerate(sequences):
+            if seq.annotation_id in known:  # a resend: nothing changes, whatever it holds now
+                outcomes.append(SubmitOutcome(seq.annotation_id, "duplicate"))
+                continue
+            try:
+                annotation = self.validator.sequence(seq, version, sequence_field(i, seq.annotation_id))
+            except InvalidArgument as exc:
+                if not partial_ok:
+                    raise
+                outcomes.append(SubmitOutcome(seq.annotation_id, "rejected", reason=str(exc)))
+                continue
+            outcomes.append(None)
+            valid.append((i, annotation))
+        stored = self.store.insert([a for _, a in valid]) if valid else []
+        for (i, annotation), new in zip(valid, stored, strict=True):
+            rows = len(horizon_rows(annotation, horizon, gamma))
+            outcomes[i] = SubmitOutcome(annotation.annotation_id, "accepted" if new else "duplicate", rows=rows)
+        return outcomes
+
+    def withdraw(self, annotation_ids: list[str]) -> tuple[int, list[str]]:
+        self._require_loaded()
+        for i, annotation_id in enumerate(annotation_ids):
+            if not annotation_id:
+                raise InvalidArgument("must not be empty", f"annotation_ids[{i}]")
+        return self.store.withdraw(annotation_ids)
+
+    def get(self, annotation_id: str) -> StoredAnnotation:
+        self._require_loaded()
+        if not annotation_id:
+            raise InvalidArgument("must not be empty", "annotation_id")
+        found = self.store.get(annotation_id)
+        if found is None:
+            raise NotFound(f"no annotation {annotation_id!r} is stored", "annotation_id")
+        return found
+
+    def pending_count(self) -> int:
+        return self.store.counts()["pending"] if self.store is not None else 0
+
+    # ---- training ----
+
+    def resolve(self, settings: TrainSettings) -> tuple[StepParams, int, int | None, str, float, bool]:
+        """Check a Train request's overrides; (params, batch size, horizon, horizon text, gamma, publish)."""
+        c = self.config
+        if not 0 <= settings.steps <= MAX_TRAIN_STEPS:
+            raise InvalidArgument(f"must be in [0, {MAX_TRAIN_STEPS}], got {settings.steps}", "steps")
+        variant = c.variant if settings.variant is None else settings.variant
+        if variant not in VARIANTS:
+            raise InvalidArgument(f"must be one of {VARIANTS}, got {variant!r}", "variant")
+        beta = self.beta if settings.beta is None else settings.beta
+        if not (math.isfinite(beta) and beta >= 0):
+            raise InvalidArgument(f"must be finite and >= 0, got {beta}", "beta")
+        lr = c.learning_rate if settings.learning_rate is None else settings.learning_rate
+        if not (math.isfinite(lr) and 0 < lr <= 1):
+            raise InvalidArgument(f"must be in (0, 1], got {lr}", "learning_rate")
+        batch_size = c.batch_size if settings.batch_size is None else settings.batch_size
+        if not 1 <= batch_size <= 65536:
+            raise InvalidArgument(f"must be in [1, 65536], got {batch_size}", "batch_size")
+        horizon_text = c.horizon if settings.horizon is None else settings.horizon
+        try:
+            horizon = parse_horizon(horizon_text)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc).split(": ", 1)[1], "horizon") from None
+        gamma = c.gamma if settings.gamma is None else settings.gamma
+        if not (math.isfinite(gamma) and 0 <= gamma <= 1):
+            raise InvalidArgument(f"must be in [0, 1], got {gamma}", "gamma")
+        params = StepParams(variant=variant, beta=beta, learning_rate=lr, clip_eps=c.clip_eps,
+                            max_grad_norm=c.max_grad_norm)
+        return params, batch_size, horizon, str(horizon_text).lower(), gamma, settings.publish
+
+    def train(self, settings: TrainSettings, report: Callable[[Progress], None],
+              cancel: threading.Event | None = None) -> None:
+        """Run a Train request, calling `report` after every step and once more with done=True.
+        Blocking; one run at a time (waits for a running one)."""
+        self._require_loaded()
+        params, batch_size, horizon, horizon_text, gamma, publish = self.resolve(settings)
+        cancel = cancel or threading.Event()
+        with self._train_lock:
+            self.training = True
+            try:
+                if settings.beta is None:
+                    params = StepParams(params.variant, self.beta, params.learning_rate, params.clip_eps,
+                                        params.max_grad_norm)  # the controller may have moved it meanwhile
+                self._train(settings.steps, params, batch_size, horizon, horizon_text, gamma, publish, report,
+                            cancel, beta_overridden=settings.beta is not None)
+            finally:
+                self.training = False
+
+    def _train(self, steps, params: StepParams, batch_size, horizon, horizon_text, gamma, publish,
+               report, cancel, beta_overridden: bool) -> None:
+        c = self.config
+        counts = self.store.counts()
+        one_pass = steps == 0
+        if one_pass:
+            total = math.ceil(counts["pending"] / batch_size)
+            if total == 0:
+                raise FailedPrecondition("no pending annotations to train on (steps > 0 replays consumed ones)")
+        else:
+            total = steps
+            if counts["pending"] + counts["consumed"] == 0:
+                raise FailedPrecondition("no annotations stored to train on")
+        beta = params.beta
+        common = dict(total_steps=total, horizon=horizon_text, gamma=gamma)
+        published = 0
+        done_steps = 0
+        messages = []
+        for index in range(total):
+            if cancel.is_set():
+                messages.append("cancelled")
+                break
+            examples, pending_seqs, stale_skipped = self._next_batch(batch_size, one_pass, horizon, gamma)
+            if stale_skipped:
+                messages.append(f"{stale_skipped} stale annotations skipped")
+            if not examples:
+                messages.append("no more annotations")
+                break
+            step_params = StepParams(params.variant, beta, params.learning_rate, params.clip_eps, params.max_grad_norm)
+            result = self._collective_step(examples, step_params)
+            if result.skipped:
+                log.warning("step skipped: loss %s, gradient norm %s (not finite)", result.loss, result.grad_norm)
+            else:
+                with self._state_lock:
+                    self.step += 1
+                    self._dirty = True
+                    self.last = result
+                self.store.mark_consumed(pending_seqs, self.step)
+                done_steps += 1
+                if c.kl_target is not None:  # Ziegler et al. (2019): proportional control of beta
+                    error = max(-0.2, min(0.2, (result.kl - c.kl_target) / c.kl_target))
+                    beta *= 1 + c.beta_rate * error
+            published_version = 0
+            if publish and c.publish_every and self.step % c.publish_every == 0 and not result.skipped:
+                published_version = self.publish()
+                published = published_version
+            if c.checkpoint_every and self.step % c.checkpoint_every == 0 and not result.skipped:
+                self.save_checkpoint()
+            report(Progress(
+                step=index + 1, loss=result.loss, token_loss=result.token_loss, kl=result.kl, beta=step_params.beta,
+                mean_abs_weight=result.mean_abs_weight, tokens_per_second=result.tokens / max(result.seconds, 1e-9),
+                rows=result.rows, sequences=result.sequences, model_version=self.version,
+                published_version=published_version, skipped=result.skipped,
+                message="skipped: loss or gradient not finite; nothing applied" if result.skipped else "",
+                **common,
+            ))
+        if self.config.kl_target is not None and not beta_overridden:
+            self.beta = beta  # the controller's state carries over (not for a per-call beta override)
+        if publish and self._dirty:
+            published = self.publish()
+        if done_steps:
+            self.save_checkpoint()
+        last = self.last
+        report(Progress(
+            step=done_steps, loss=last.loss if last else 0.0, token_loss=last.token_loss if last else 0.0,
+            kl=last.kl if last else 0.0, beta=beta, model_version=self.version, published_version=published,
+            done=True, message="; ".join(dict.fromkeys(messages)), **common,
+        ))
+
+    def _next_batch(self, size: int, one_pass: bool, horizon: int | None, gamma: float
+                    ) -> tuple[list[Example], list[int], int]:
+        """Up to `size` sequences: pending ones first (oldest first); unless this is a one-pass run,
+        the rest replayed from consumed ones, cycling. Stale annotations are down-weighted or
+        skipped (skipped pending ones are marked consumed untrained). Returns (examples, seqs of the
+        pending ones, number skipped as stale)."""
+        c = self.config
+        chosen: list[tuple[StoredAnnotation, float]] = []
+        pending_seqs: list[int] = []
+        skipped = 0
+        after = 0  # pending annotations are read in arrival order, past the ones looked at
+        while len(chosen) < size:
+            batch = self.store.pending(size - len(chosen), after_seq=after)
+            if not batch:
+                break
+            after = batch[-1].seq
+            stale = []
+            for item in batch:
+                factor = stale_factor(item.annotation.model_version, self.version, c.staleness_limit,
+                                      c.stale_policy, c.stale_decay)
+                if factor is None:
+                    stale.append(item.seq)
+                else:
+                    chosen.append((item, factor))
+                    pending_seqs.append(item.seq)
+            if stale:
+                self.store.mark_consumed(stale, self.step)
+                skipped += len(stale)
+        if not one_pass and len(chosen) < size:
+            taken = {item.seq for item, _ in chosen}
+            for wrapped in (False, True):
+                cursor = 0 if wrapped else self.replay_cursor
+                for item in self.store.replay(cursor, size - len(chosen)):
+                    if item.seq in taken:
+                        continue
+                    self.replay_cursor = item.seq
+                    factor = stale_factor(item.annotation.model_version, self.version, c.staleness_limit,
+                                          c.stale_policy, c.stale_decay)
+                    if factor is not None:
+                        chosen.append((item, factor))
+                        taken.add(item.seq)
+                if len(chosen) >= size:
+                    break
+        examples = []
+        for item, factor in chosen:
+            a = item.annotation
+            rows = scaled(horizon_rows(a, horizon, gamma), factor)
+            if rows:
+                examples.append(Example(a.prompt_ids, a.completion_ids, tuple(rows), a.behavior_logprobs))
+        return examples, pending_seqs, skipped
+
+    def _collective_step(self, examples: list[Example], params: StepParams) -> StepResult:
+        """Rank 0 sends the batch to the followers, then every rank steps on its shard."""
+        if self.collective.active:
+            self.collective.broadcast(("step", examples, params))
+        return self.trainer.step(examples, params)
+
+    def follow(self) -> None:
+        """Followers (rank > 0): run rank 0's commands until it says stop."""
+        assert not self.collective.leader, "rank 0 leads; it does not follow"
+        while True:
+            command = self.collective.broadcast()
+            if command[0] == "step":
+                self.trainer.step(command[1], command[2])
+            elif command[0] == "stop":
+                return
+            else:
+                raise RuntimeError(f"unknown command from rank 0: {command[0]!r}")
+
+    # ---- publishing and checkpoints ----
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the policy's weights (aliases dropped), for publishing."""
+        state = unique_tensors(self.trainer.model.state_dict())
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+    def publish(self) -> int:
+        """Give the current weights the next version and send them to the policy servers."""
+        from trainer_server.publish import Snapshot  # grpc-free import path for engine users without servers
+
+        floor = self.publisher.max_version() if self.publisher is not None else -1
+        with self._state_lock:
+            self.version = max(self.version, floor) + 1
+            self._dirty = False
+        if self.publisher is not None:
+            states = self.publisher.publish_blocking(Snapshot(self.version, self.weights()))
+            for state in states.values():
+                if state.model_version != self.version:
+                    log.warning("policy %s did not take version %d yet: %s", state.address, self.version,
+                                state.last_error or "pending")
+        return self.version
+
+    def save_checkpoint(self) -> tuple[Path, int, int]:
+        """Write a checkpoint now (between steps). Returns (path, step, version)."""
+        self._require_loaded()
+        meta = CheckpointMeta(step=self.step, model_version=self.version, beta=self.beta,
+                              replay_cursor=self.replay_cursor, model=self.config.model, created_at=time.time())
+        path = self.checkpoints.save(self.trainer.model, self.trainer.optimizer, meta)
+        log.info("checkpoint %s (step %d, version %d)", path, self.step, self.version)
+        return path, self.step, self.version
+
+    def save_checkpoint_now(self) -> tuple[Path, int, int]:
+        """SaveCheckpoint: waits for a running Train to finish its call, then saves."""
+        with self._train_lock:
+            return self.save_checkpoint()
+
+    def status(self) -> Status:
+        self._require_loaded()
+        last = self.last
+        policies = list(self.publisher.states.values()) if self.publisher is not None else []
+        return Status(
+            counts=self.store.counts(), model_version=self.version, step=self.step,
+            last_loss=last.loss if last else 0.0, last_token_loss=last.token_loss if last else 0.0,
+            last_kl=last.kl if last else 0.0, beta=self.beta, variant=self.config.variant,
+            horizon=str(self.config.horizon).lower(), gamma=self.config.gamma, training=self.training,
+            policies=policies, model_name=self.config.model,
+        )
+
+    def _require_loaded(self) -> None:
+        if not self.loaded:
+            from common.errors import Unavailable
+
+            raise Unavailable("the trainer is still loading its model")
