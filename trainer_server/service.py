@@ -67,6 +67,54 @@ def progress_message(p: Progress) -> trainer_pb2.TrainProgress:
     )
 
 
+def submit_response(outcomes) -> trainer_pb2.SubmitAnnotationsResponse:
+    return trainer_pb2.SubmitAnnotationsResponse(results=[
+        trainer_pb2.SubmitResult(annotation_id=o.annotation_id, status=SUBMIT_STATUS[o.status], reason=o.reason,
+                                 rows=o.rows)
+        for o in outcomes
+    ])
+
+
+def annotation_pb(found) -> trainer_pb2.StoredAnnotation:
+    a = found.annotation
+    reply = trainer_pb2.StoredAnnotation(
+        annotation_id=a.annotation_id, state=found.state, prompt_token_ids=a.prompt_ids,
+        completion_token_ids=a.completion_ids, model_version=a.model_version,
+        rows=[trainer_pb2.TrainingRow(position=r.position, token_id=r.token_id, weight=r.weight,
+                                      replacement=r.replacement) for r in a.rows],
+        annotator_id=a.annotator_id, metadata=a.metadata, stored_at=found.stored_at,
+    )
+    if a.sequence_reward is not None:
+        reply.sequence_reward = a.sequence_reward
+    return reply
+
+
+def train_settings(request: trainer_pb2.TrainRequest) -> TrainSettings:
+    return TrainSettings(
+        steps=request.steps,
+        variant=_optional(request, "variant"),
+        beta=_optional(request, "beta"),
+        learning_rate=_optional(request, "learning_rate"),
+        batch_size=_optional(request, "batch_size"),
+        horizon=_optional(request, "horizon"),
+        gamma=_optional(request, "gamma"),
+        publish=True if not request.HasField("publish") else request.publish,
+    )
+
+
+def status_pb(s) -> trainer_pb2.TrainerStatus:
+    return trainer_pb2.TrainerStatus(
+        annotations_total=s.counts["total"], annotations_pending=s.counts["pending"],
+        annotations_consumed=s.counts["consumed"], annotations_withdrawn=s.counts["withdrawn"],
+        rows_total=s.counts["rows"], model_version=s.model_version, step=s.step, last_loss=s.last_loss,
+        last_token_loss=s.last_token_loss, last_kl=s.last_kl, beta=s.beta, variant=s.variant,
+        horizon=s.horizon, gamma=s.gamma, training=s.training, model_name=s.model_name,
+        policies=[trainer_pb2.PolicyServerState(address=p.address, model_version=p.model_version,
+                                                reachable=p.reachable, last_error=p.last_error)
+                  for p in s.policies],
+    )
+
+
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def __init__(self, app: TrainerApp):
         self.app = app
@@ -77,11 +125,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         sequences = [sequence_input(s) for s in request.sequences]
         outcomes = await asyncio.to_thread(self.engine.submit, sequences, request.partial_ok)
         self.app.maybe_auto_train()
-        return trainer_pb2.SubmitAnnotationsResponse(results=[
-            trainer_pb2.SubmitResult(annotation_id=o.annotation_id, status=SUBMIT_STATUS[o.status], reason=o.reason,
-                                     rows=o.rows)
-            for o in outcomes
-        ])
+        return submit_response(outcomes)
 
     @rpc_method
     async def WithdrawAnnotations(self, request, context):
@@ -90,31 +134,11 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     @rpc_method
     async def GetAnnotation(self, request, context):
-        found = await asyncio.to_thread(self.engine.get, request.annotation_id)
-        a = found.annotation
-        reply = trainer_pb2.StoredAnnotation(
-            annotation_id=a.annotation_id, state=found.state, prompt_token_ids=a.prompt_ids,
-            completion_token_ids=a.completion_ids, model_version=a.model_version,
-            rows=[trainer_pb2.TrainingRow(position=r.position, token_id=r.token_id, weight=r.weight,
-                                          replacement=r.replacement) for r in a.rows],
-            annotator_id=a.annotator_id, metadata=a.metadata, stored_at=found.stored_at,
-        )
-        if a.sequence_reward is not None:
-            reply.sequence_reward = a.sequence_reward
-        return reply
+        return annotation_pb(await asyncio.to_thread(self.engine.get, request.annotation_id))
 
     @rpc_method
     async def Train(self, request, context):
-        settings = TrainSettings(
-            steps=request.steps,
-            variant=_optional(request, "variant"),
-            beta=_optional(request, "beta"),
-            learning_rate=_optional(request, "learning_rate"),
-            batch_size=_optional(request, "batch_size"),
-            horizon=_optional(request, "horizon"),
-            gamma=_optional(request, "gamma"),
-            publish=True if not request.HasField("publish") else request.publish,
-        )
+        settings = train_settings(request)
         self.engine.resolve(settings)  # bad overrides fail here, before anything runs
         async for progress in self.app.run_training(settings):
             yield progress_message(progress)
@@ -126,17 +150,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     @rpc_method
     async def GetStatus(self, request, context):
-        s = await asyncio.to_thread(self.engine.status)
-        return trainer_pb2.TrainerStatus(
-            annotations_total=s.counts["total"], annotations_pending=s.counts["pending"],
-            annotations_consumed=s.counts["consumed"], annotations_withdrawn=s.counts["withdrawn"],
-            rows_total=s.counts["rows"], model_version=s.model_version, step=s.step, last_loss=s.last_loss,
-            last_token_loss=s.last_token_loss, last_kl=s.last_kl, beta=s.beta, variant=s.variant,
-            horizon=s.horizon, gamma=s.gamma, training=s.training, model_name=s.model_name,
-            policies=[trainer_pb2.PolicyServerState(address=p.address, model_version=p.model_version,
-                                                    reachable=p.reachable, last_error=p.last_error)
-                      for p in s.policies],
-        )
+        return status_pb(await asyncio.to_thread(self.engine.status))
 
 
 class TrainerApp:
