@@ -169,9 +169,16 @@ class WeightAccumulator:
     Memory: one buffer per tensor received, allocated at its first chunk (bounded by the model).
     """
 
-    def __init__(self, reference: Mapping[str, torch.Tensor], current_version: int):
-        self._reference = reference  # name -> tensor with the expected dtype and shape
-        self._canonical = aliases(reference)  # tied names land on one tensor
+    def __init__(
+        self,
+        reference: Mapping[str, torch.Tensor],
+        current_version: int,
+        canonical: Mapping[str, str] | None = None,
+    ):
+        # reference: name -> tensor with the expected dtype and shape (meta tensors will do when
+        # `canonical`, the alias map of the real state dict (see `aliases`), is given).
+        self._reference = reference
+        self._canonical = dict(canonical) if canonical is not None else aliases(reference)
         self._current_version = current_version
         self._target_version: int | None = None
         self._tensor_count = 0

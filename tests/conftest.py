@@ -40,18 +40,18 @@ def build_tiny_model(folder: Path, seed: int = 0) -> Path:
     bpe.train_from_iterator(TINY_CORPUS * 20, vocab_size=400, min_frequency=2, special_tokens=["<|endoftext|>"])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-        unk_token="<|endoftext|>", model_max_length=128,
+        unk_token="<|endoftext|>", model_max_length=1024,
     )
     tokenizer.save_pretrained(folder)
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=128, n_embd=64, n_layer=2, n_head=4,
+        vocab_size=len(tokenizer), n_positions=1024, n_embd=64, n_layer=2, n_head=4,
         bos_token_id=eos, eos_token_id=eos,
     )
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config)
     with torch.no_grad():  # sharper than the default init, so sampling is not uniform noise
-        model.lm_head.weight.mul_(8.0)
+        model.lm_head.weight.mul_(3.0)
     model.save_pretrained(folder)
     return folder
 

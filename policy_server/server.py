@@ -1,0 +1,135 @@
+"""The policy server process: bind, announce, load the model, serve, drain on SIGTERM.
+
+    python -m policy_server --model data/demo-model --port 50051
+    python -m policy_server --model gpt2 --device cuda --dtype bfloat16 --port 50051
+
+The port is bound before the model loads, so health checks answer NOT_SERVING meanwhile; the
+server prints `tokenfeedback: policy listening on HOST:PORT` once bound (common.process waits for
+that line) and turns SERVING when the model is ready. SIGTERM / SIGINT: health NOT_SERVING, new
+Generate calls get UNAVAILABLE, running streams get `--grace` seconds to finish, then are
+cancelled; exit code 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import sys
+from dataclasses import dataclass
+
+import grpc
+
+from common.hf import DTYPE_CHOICES
+from common.process import announce
+from common.rpc import ServerOptions, create_grpc_server, install_signal_handlers, set_serving
+from policy_server.engine import Engine, EngineConfig
+from policy_server.service import SERVICE_NAME, PolicyService, register
+
+log = logging.getLogger("policy_server")
+
+
+@dataclass(frozen=True)
+class PolicyServerConfig:
+    model: str = "data/demo-model"  # local folder (what `make model` writes) or a hub id
+    host: str = "127.0.0.1"  # bind address; plaintext without auth: loopback unless you know better
+    port: int = 50051  # 0 binds a free port (announced on stdout)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on a GPU) | float32 | bfloat16 | float16
+    max_batch: int = 16  # sequences decoded together in one forward
+    max_queue: int = 256  # requests waiting for a slot before RESOURCE_EXHAUSTED
+    max_new_tokens_limit: int = 512  # largest SamplingParams.max_new_tokens accepted
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    grace_s: float = 10.0  # on SIGTERM, how long running streams may go on before they are cancelled
+    # Largest gRPC message either way: above the 4 MiB update chunks plus framing, far below memory.
+    max_message_bytes: int = 16 * 1024 * 1024
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=self.model, device=self.device, dtype=self.dtype, max_batch=self.max_batch,
+            max_queue=self.max_queue, max_new_tokens_limit=self.max_new_tokens_limit, threads=self.threads,
+        )
+
+
+def parse_args(argv: list[str] | None = None) -> PolicyServerConfig:
+    d = PolicyServerConfig()
+    p = argparse.ArgumentParser(prog="python -m policy_server", description="tokenfeedback PolicyService over gRPC")
+    p.add_argument("--model", default=d.model, help="local model folder or Hugging Face hub id (default %(default)s)")
+    p.add_argument("--host", default=d.host, help="bind address (default %(default)s)")
+    p.add_argument("--port", type=int, default=d.port, help="port; 0 picks a free one (default %(default)s)")
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N (default %(default)s)")
+    p.add_argument("--dtype", default=d.dtype, choices=DTYPE_CHOICES, help="parameter dtype (default %(default)s)")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="streams decoded together (default %(default)s)")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests (default %(default)s)")
+    p.add_argument("--max-new-tokens-limit", type=int, default=d.max_new_tokens_limit,
+                   help="largest max_new_tokens accepted (default %(default)s)")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch threads, 0 = torch default")
+    p.add_argument("--grace", type=float, default=d.grace_s, help="seconds running streams get on SIGTERM")
+    p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes, help="gRPC message size limit")
+    a = p.parse_args(argv)
+    if a.max_batch < 1 or a.max_queue < 0 or a.max_new_tokens_limit < 1 or a.grace < 0:
+        p.error("--max-batch and --max-new-tokens-limit must be >= 1, --max-queue and --grace >= 0")
+    if a.max_message_bytes < 5 * 1024 * 1024:
+        p.error("--max-message-bytes must hold a 4 MiB update chunk (>= 5 MiB)")
+    return PolicyServerConfig(
+        model=a.model, host=a.host, port=a.port, device=a.device, dtype=a.dtype, max_batch=a.max_batch,
+        max_queue=a.max_queue, max_new_tokens_limit=a.max_new_tokens_limit, threads=a.threads, grace_s=a.grace,
+        max_message_bytes=a.max_message_bytes,
+    )
+
+
+async def create_server(config: PolicyServerConfig) -> tuple[grpc.aio.Server, int, PolicyService, object]:
+    """Bind and start serving (health NOT_SERVING, every RPC UNAVAILABLE until `load_into`)."""
+    service = PolicyService()
+    options = ServerOptions(host=config.host, port=config.port, max_message_bytes=config.max_message_bytes)
+    server, port, health = await create_grpc_server(options, [register(service)], [SERVICE_NAME])
+    return server, port, service, health
+
+
+async def load_into(config: PolicyServerConfig, service: PolicyService, health) -> Engine:
+    """Load the model (off the event loop), start the scheduler, report SERVING."""
+    engine = await asyncio.to_thread(Engine.load, config.engine_config())
+    engine.start()
+    service.engine = engine
+    await set_serving(health, [SERVICE_NAME], True)
+    info = engine.model_info()
+    log.info("serving %s: vocab %d, max length %d, %s on %s, %d tensors (%.1f MB)", info.model_name,
+             info.vocab_size, info.max_length, info.dtype, info.device, info.tensor_count, info.parameter_bytes / 1e6)
+    return engine
+
+
+async def serve(config: PolicyServerConfig) -> int:
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    server, port, service, health = await create_server(config)
+    announce("policy", config.host, port)
+    engine = None
+    try:
+        loading = asyncio.ensure_future(load_into(config, service, health))
+        await asyncio.wait([loading, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if not loading.done():  # stopped while loading: the load thread cannot be interrupted
+            log.info("stopping while the model loads")
+        engine = await loading
+        await stop.wait()
+        log.info("draining: up to %.1fs for running streams", config.grace_s)
+        await set_serving(health, [SERVICE_NAME], False)
+        engine.stop_accepting()
+        await server.stop(config.grace_s)
+    except Exception:
+        log.exception("policy server failed")
+        await server.stop(0)
+        return 1
+    finally:
+        if engine is not None:
+            await engine.close()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    config = parse_args(argv)
+    log.info("config: %s", dataclasses.asdict(config))
+    return asyncio.run(serve(config))
