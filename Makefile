@@ -62,8 +62,29 @@ demo: model
 experiment: model
 	$(PY) -m demo_model.loop --experiment --model $(MODEL) $(DEMO_ARGS)
 
+# ---- clients for other systems (TypeScript/Node, Go), generated from proto/ -------------------
+TS := clients/typescript
+TS_SRC := $(shell find $(TS)/src $(TS)/test $(TS)/examples -name '*.ts' 2>/dev/null)
+GO_SRC := $(shell find clients/go -name '*.go' -not -path 'clients/go/gopath/*' -not -path 'clients/go/tokenfeedbackv1/*' 2>/dev/null)
+
+$(TS)/node_modules/.package-lock.json: $(TS)/package.json $(TS)/package-lock.json
+	cd $(TS) && npm ci --no-audit --no-fund
+
+$(TS)/dist/.stamp: $(TS)/node_modules/.package-lock.json $(PROTOS) $(TS_SRC) $(TS)/tsconfig.json $(TS)/scripts/generate.sh | setup system-deps
+	cd $(TS) && npm run -s build
+	touch $@
+
+# npm package: generated types (gen/) + compiled client, tests and example (dist/)
+clients-ts: $(TS)/dist/.stamp
+
+clients/go/gopath/bin/example: $(GO_SRC) $(PROTOS) $(wildcard clients/go/*.sh) | setup system-deps
+	bash clients/go/build.sh
+
+# Go package in GOPATH mode against Debian's gRPC sources (clients/go/README.md)
+clients-go: clients/go/gopath/bin/example
+
 # ---- checks --------------------------------------------------------------------------------
-test: setup system-deps model
+test: setup system-deps model clients-ts clients-go
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
 test-fast: setup model
@@ -77,3 +98,4 @@ lint: setup
 
 clean:
 	rm -rf $(GEN_PY) build .pytest_cache
+	rm -rf $(TS)/gen $(TS)/dist clients/go/gopath clients/go/tokenfeedbackv1
