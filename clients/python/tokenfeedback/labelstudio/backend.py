@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -56,6 +57,7 @@ from tokenfeedback.labelstudio.state import SubmissionLog
 
 log = logging.getLogger("tokenfeedback.labelstudio")
 
+_SPAN_FIELD = re.compile(r"span_labels\[(\d+)\]")
 ANNOTATION_SAVED = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
 ANNOTATION_DELETED = ("ANNOTATIONS_DELETED", "ANNOTATION_DELETED")
 
@@ -302,7 +304,7 @@ class Backend:
         try:
             [result] = self.trainer.submit([sequence], timeout=_remaining(deadline))
         except TokenfeedbackError as exc:
-            raise self._trainer_error(exc, sequence, where) from None
+            raise self._trainer_error(exc, sequence, where, annotation) from None
         self.submissions.add(key, annotation_id, task_id)
         stale = [old for old in earlier if old != key]
         try:
@@ -346,14 +348,13 @@ class Backend:
         self.submissions.mark_withdrawn(keys)
         return reply.withdrawn
 
-    def _trainer_error(self, exc: TokenfeedbackError, sequence, where: dict) -> RequestError:
+    def _trainer_error(self, exc: TokenfeedbackError, sequence, where: dict, annotation: dict) -> RequestError:
         """The trainer refused or could not be reached; nothing of the annotation is stored."""
         region = None
-        if exc.field and "span_labels[" in exc.field:  # name the region the trainer's message is about
-            index = int(exc.field.split("span_labels[", 1)[1].split("]", 1)[0])
-            if index < len(sequence.span_labels):
-                span = sequence.span_labels[index]
-                region = {"start": span.start, "end": span.end, "text": span.text}
+        match = _SPAN_FIELD.search(exc.message)  # name the region the trainer's message is about
+        if match and int(match.group(1)) < len(sequence.span_labels):
+            span = sequence.span_labels[int(match.group(1))]
+            region = {"id": _region_id(annotation, span), "start": span.start, "end": span.end, "text": span.text}
         if _unreachable(exc):
             status, message = 503, f"trainer at {self.config.trainer} unreachable: {exc}"
         elif isinstance(exc, InvalidArgumentError):
@@ -398,6 +399,16 @@ class Backend:
 
 class PolicyUnreachable(Exception):
     """The policy server cannot be reached: the whole /predict fails (503)."""
+
+
+def _region_id(annotation: dict, span) -> str | None:
+    """The Label Studio region a converted span came from (same offsets, else same text)."""
+    labeled = [item for item in annotation.get("result") or [] if isinstance(item, dict) and item.get("type") == "labels"]
+    for same in (lambda v: (v.get("start"), v.get("end")) == (span.start, span.end), lambda v: v.get("text") == span.text):
+        for item in labeled:
+            if same(item.get("value") or {}):
+                return item.get("id")
+    return None
 
 
 def model_version_name(version: int) -> str:
