@@ -42,6 +42,8 @@ func TestFieldParsing(t *testing.T) {
 	for message, field := range map[string]string{
 		"sequences[0].token_labels[1].weight: must be finite, got nan": "sequences[0].token_labels[1].weight",
 		"annotation_id: 1..200 characters":                             "annotation_id",
+		"sequences[0] (annotation_id='x1').token_labels[0].weight: must be finite, got nan": "sequences[0].token_labels[0].weight",
+		"params (a note).top_p: bad": "params.top_p",
 		"no field here":                                                "",
 		"two words: not a field":                                       "",
 	} {

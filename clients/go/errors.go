@@ -21,8 +21,15 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// "sequences[0].token_labels[1].weight: must be finite, got nan" -> "sequences[0].token_labels[1].weight"
-var fieldPattern = regexp.MustCompile(`^([A-Za-z_]\w*(?:\[\d+\])?(?:\.[A-Za-z_]\w*(?:\[\d+\])?)*): `)
+// "sequences[0].token_labels[1].weight: must be finite, got nan" -> "sequences[0].token_labels[1].weight";
+// a segment may carry a note in parentheses, dropped from the field:
+// "sequences[0] (annotation_id='a').token_labels[0].weight: ..." -> "sequences[0].token_labels[0].weight".
+const fieldSegment = `[A-Za-z_]\w*(?:\[\d+\])?(?: \([^()]*\))?`
+
+var (
+	fieldPattern = regexp.MustCompile(`^(` + fieldSegment + `(?:\.` + fieldSegment + `)*): `)
+	notePattern  = regexp.MustCompile(` \([^()]*\)`)
+)
 
 // Error is a failed call.
 type Error struct {
@@ -42,7 +49,7 @@ type Error struct {
 func NewError(code codes.Code, message, method, address string) *Error {
 	e := &Error{Code: code, Message: message, Method: method, Address: address}
 	if m := fieldPattern.FindStringSubmatch(message); m != nil {
-		e.Field = m[1]
+		e.Field = notePattern.ReplaceAllString(m[1], "")
 	}
 	return e
 }

@@ -12,8 +12,12 @@ import { status as GrpcStatus } from "@grpc/grpc-js";
 export const Code = GrpcStatus;
 export type Code = GrpcStatus;
 
-// "sequences[0].token_labels[1].weight: must be finite, got nan" -> "sequences[0].token_labels[1].weight"
-const FIELD = /^([A-Za-z_]\w*(?:\[\d+\])?(?:\.[A-Za-z_]\w*(?:\[\d+\])?)*): /;
+// "sequences[0].token_labels[1].weight: must be finite, got nan" -> "sequences[0].token_labels[1].weight";
+// a segment may carry a note in parentheses, dropped from the field:
+// "sequences[0] (annotation_id='a').token_labels[0].weight: ..." -> "sequences[0].token_labels[0].weight".
+const SEGMENT = String.raw`[A-Za-z_]\w*(?:\[\d+\])?(?: \([^()]*\))?`;
+const FIELD = new RegExp(String.raw`^(${SEGMENT}(?:\.${SEGMENT})*): `);
+const NOTE = / \([^()]*\)/g;
 
 export interface ErrorContext {
   /** The RPC, e.g. "tokenfeedback.v1.PolicyService/Generate"; "" for errors raised before any call. */
@@ -42,7 +46,7 @@ export class TokenfeedbackError extends Error {
     this.details = details;
     this.method = method;
     this.address = address;
-    this.field = FIELD.exec(details)?.[1] ?? null;
+    this.field = FIELD.exec(details)?.[1].replace(NOTE, "") ?? null;
   }
 
   /** The status name, e.g. "INVALID_ARGUMENT" (what the test vectors use); "CLIENT" for code null. */

@@ -39,6 +39,8 @@ test("errorFor picks the class by status code and parses the field", () => {
 for (const [details, field] of [
   ["sequences[0].token_labels[1].weight: must be finite, got nan", "sequences[0].token_labels[1].weight"],
   ["annotation_id: 1..200 characters", "annotation_id"],
+  ["sequences[0] (annotation_id='x1').token_labels[0].weight: must be finite, got nan", "sequences[0].token_labels[0].weight"],
+  ["params (a note).top_p: bad", "params.top_p"],
   ["no field here", null],
   ["two words: not a field", null],
 ] as const) {
