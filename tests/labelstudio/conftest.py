@@ -2,37 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import pytest
+from labelstudio_harness import ROOT, start_servers
 
 from common.process import ServerProcess, start_server
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class Servers:
-    policy: ServerProcess
-    trainer: ServerProcess
-    model: Path
-
-
-def start_servers(model: Path, data: Path, *trainer_args: str) -> Servers:
-    policy = start_server("policy_server", ["--model", str(model), "--port", "0", "--host", "127.0.0.1"],
-                          name="policy", cwd=ROOT, timeout=300)
-    try:
-        trainer = start_server(
-            "trainer_server",
-            ["--model", str(model), "--data", str(data), "--port", "0", "--host", "127.0.0.1",
-             "--policy", policy.address, *trainer_args],
-            name="trainer", cwd=ROOT, timeout=300,
-        )
-    except Exception:
-        policy.stop()
-        raise
-    return Servers(policy, trainer, model)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""What the Label Studio tests share: JSON over HTTP, and a real Label Studio started headless.
+"""What the Label Studio tests share: the policy and trainer servers, JSON over HTTP, and a real
+Label Studio started headless.
 
 Label Studio runs from its own venv (.cache/labelstudio-venv, made by scripts/labelstudio_venv.sh
 when missing, reused after), on 127.0.0.1 with a temporary data folder and the environment
@@ -21,8 +22,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Thread
 
+from common.process import ServerProcess, start_server
+
 ROOT = Path(__file__).resolve().parents[2]
 VENV_SCRIPT = ROOT / "scripts" / "labelstudio_venv.sh"
+
+
+@dataclass
+class Servers:
+    policy: ServerProcess
+    trainer: ServerProcess
+    model: Path
+
+
+def start_servers(model: Path, data: Path, *trainer_args: str) -> Servers:
+    """Policy and trainer servers on `model`, as subprocesses on 127.0.0.1 (ports chosen freely)."""
+    policy = start_server("policy_server", ["--model", str(model), "--port", "0", "--host", "127.0.0.1"],
+                          name="policy", cwd=ROOT, timeout=300)
+    try:
+        trainer = start_server(
+            "trainer_server",
+            ["--model", str(model), "--data", str(data), "--port", "0", "--host", "127.0.0.1",
+             "--policy", policy.address, *trainer_args],
+            name="trainer", cwd=ROOT, timeout=300,
+        )
+    except Exception:
+        policy.stop()
+        raise
+    return Servers(policy, trainer, model)
 
 
 def http_json(method: str, url: str, body=None, *, token: str | None = None, timeout: float = 60.0):
