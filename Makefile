@@ -90,6 +90,12 @@ test: setup system-deps model clients-ts clients-go
 test-fast: setup model
 	$(PY) -m pytest -q -rs -m "not slow" $(PYTEST_ARGS)
 
+# Label Studio end to end (also part of `make test`): installs Label Studio into its own venv
+# (.cache/labelstudio-venv, scripts/labelstudio_venv.sh) when missing, then drives it headless.
+test-integration: setup model
+	bash scripts/labelstudio_venv.sh >/dev/null
+	$(PY) -m pytest -q -rs tests/labelstudio/test_labelstudio_integration.py $(PYTEST_ARGS)
+
 bench: setup model
 	$(PY) -m bench $(BENCH_ARGS)
 
