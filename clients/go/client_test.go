@@ -40,12 +40,12 @@ func TestErrorCarriesCodeMessageAndField(t *testing.T) {
 
 func TestFieldParsing(t *testing.T) {
 	for message, field := range map[string]string{
-		"sequences[0].token_labels[1].weight: must be finite, got nan": "sequences[0].token_labels[1].weight",
-		"annotation_id: 1..200 characters":                             "annotation_id",
+		"sequences[0].token_labels[1].weight: must be finite, got nan":                      "sequences[0].token_labels[1].weight",
+		"annotation_id: 1..200 characters":                                                  "annotation_id",
 		"sequences[0] (annotation_id='x1').token_labels[0].weight: must be finite, got nan": "sequences[0].token_labels[0].weight",
-		"params (a note).top_p: bad": "params.top_p",
-		"no field here":                                                "",
-		"two words: not a field":                                       "",
+		"params (a note).top_p: bad":                                                        "params.top_p",
+		"no field here":                                                                     "",
+		"two words: not a field":                                                            "",
 	} {
 		if got := NewError(codes.InvalidArgument, message, "", "").Field; got != field {
 			t.Errorf("field of %q = %q, want %q", message, got, field)
