@@ -213,6 +213,7 @@ def test_deadline_and_token_file_errors(cli, addresses, tmp_path):
     assert cli(*addresses, "status", "--token-file", str(token)).returncode == 0
 
 
+@pytest.mark.slow
 def test_serve_starts_both_and_stops_on_ctrl_c(tiny_model_dir, tmp_path):
     from pathlib import Path
 

@@ -109,6 +109,20 @@ def test_vector(case, vector_clients):
     run_case(case, trainer, prefix)
 
 
+def test_vectors_file_is_what_the_generator_builds():
+    """annotations.json is generate.py's output for the current demo tokenizer (not hand-edited,
+    not stale): rebuild with `.venv/bin/python tests/vectors/generate.py` when this fails."""
+    import importlib.util
+
+    model = VECTORS_FILE.parents[2] / "data" / "demo-model"
+    if not (model / "tokenizer.json").exists():
+        pytest.skip(f"no demo model at {model}: run `make model`")
+    spec = importlib.util.spec_from_file_location("vectors_generate", VECTORS_FILE.parent / "generate.py")
+    generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate)
+    assert generate.build(model) == VECTORS, "tests/vectors/annotations.json is out of date: run generate.py"
+
+
 def test_vectors_left_the_trainer_serving(vector_clients):
     trainer, _ = vector_clients
     status = trainer.status()
