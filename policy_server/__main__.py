@@ -1,7 +1,15 @@
 """`python -m policy_server --model PATH_OR_HUB_ID --port N`: see policy_server/server.py."""
 
+import logging
+import os
 import sys
 
 from policy_server.server import main
 
-sys.exit(main())
+rc = main()
+# Everything is drained and closed by now. Skip the interpreter's teardown of torch/transformers
+# modules, which takes seconds and does nothing useful for a process that is about to end.
+logging.shutdown()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(rc)

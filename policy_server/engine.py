@@ -399,8 +399,9 @@ class Engine:
             self._set_tensor(name, tensor)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        log.info("weights: version %d -> %d (%d tensors, %d bytes)", self.version, target, len(new),
-                 sum(tensor_nbytes(t) for t in new.values()))
+        log.info("weights: version %d -> %d (%d tensors, %d bytes); %d running stream(s) keep version %d",
+                 self.version, target, len(new), sum(tensor_nbytes(t) for t in new.values()),
+                 len(self._batches.get(self.version, ())), self.version)
         self.version = target
         return target
 
@@ -479,7 +480,13 @@ class Engine:
 
     def _drop_cancelled(self) -> None:
         for batch in self._batches.values():
-            keep = [i for i, s in enumerate(batch.rows) if not s.stream.cancelled]
+            keep = []
+            for i, sequence in enumerate(batch.rows):
+                if sequence.stream.cancelled:
+                    log.info("generation %s cancelled after %d tokens", sequence.generation_id,
+                             len(sequence.completion_ids))
+                else:
+                    keep.append(i)
             batch.keep(keep)
         with self._cond:
             self._pending = deque(s for s in self._pending if not s.stream.cancelled)
