@@ -53,3 +53,42 @@ def start_policy():
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny GPT-2 fitted for a few seconds to the capital facts of tests/conftest.py, so that its
+    next-token distributions differ by position ("Ottawa is the capital of" -> " Canada", then ".")
+    like a real model's, and a token-level annotation has something local to change."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.conftest import TINY_CORPUS
+
+    folder = tmp_path_factory.mktemp("trained-tiny")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    eos = tokenizer.eos_token_id
+    texts = [[eos, *tokenizer(s)["input_ids"], eos] for s in TINY_CORPUS[:5]]
+    length = max(map(len, texts))
+    ids = torch.tensor([t + [eos] * (length - len(t)) for t in texts])  # (5, L)
+    mask = torch.tensor([[1] * len(t) + [0] * (length - len(t)) for t in texts])  # (5, L)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    try:
+        with torch.no_grad():
+            model.lm_head.weight.div_(8.0)  # undo the fixture's sharpening: start from a smooth model
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(120):
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
