@@ -1,0 +1,180 @@
+"""The TypeScript and Go clients against real servers.
+
+Starts a policy server and a trainer (publishing to it) as subprocesses on 127.0.0.1 with free
+ports, then runs each client's own test suite (`node --test` in clients/typescript, `go test` in
+clients/go) and its example program with the addresses in TOKENFEEDBACK_POLICY_ADDR and
+TOKENFEEDBACK_TRAINER_ADDR; a failing suite fails here with its output and the servers' logs.
+- The suites run on the tiny model of tests/conftest.py.
+- The cross-language annotation vectors (tests/vectors/annotations.json) run on the demo model
+  (`make model`), as the vectors' README says, one trainer for both languages (each run prefixes
+  its annotation ids).
+The clients are built first with `make clients-ts clients-go` (a no-op when nothing changed).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from common.process import ServerProcess, start_server
+
+ROOT = Path(__file__).resolve().parents[2]
+TS = ROOT / "clients" / "typescript"
+GO = ROOT / "clients" / "go"
+DEMO_MODEL = ROOT / "data" / "demo-model"
+VECTORS = ROOT / "tests" / "vectors" / "annotations.json"
+GO_PACKAGE = "tokenfeedback.dev/clients/go"
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Servers:
+    policy: ServerProcess
+    trainer: ServerProcess
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment a client suite runs in: the servers' addresses, and nothing stale."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENFEEDBACK_")}
+        env.update(TOKENFEEDBACK_POLICY_ADDR=self.policy.address, TOKENFEEDBACK_TRAINER_ADDR=self.trainer.address)
+        env.update(extra)
+        return env
+
+    def logs(self) -> str:
+        return (f"--- policy server log (tail) ---\n{self.policy.log_tail(40)}\n"
+                f"--- trainer log (tail) ---\n{self.trainer.log_tail(40)}")
+
+    def stop(self) -> None:
+        self.trainer.stop()
+        self.policy.stop()
+
+
+def start_servers(model: Path, data: Path) -> Servers:
+    policy = start_server("policy_server", ["--model", str(model), "--port", "0", "--host", "127.0.0.1"],
+                          name="policy", cwd=ROOT)
+    try:
+        trainer = start_server(
+            "trainer_server",
+            ["--model", str(model), "--data", str(data), "--port", "0", "--host", "127.0.0.1", "--policy", policy.address],
+            name="trainer", cwd=ROOT,
+        )
+    except Exception:
+        policy.stop()
+        raise
+    return Servers(policy, trainer)
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], servers: Servers | None, timeout: float = 600) -> str:
+    """Run a client's command; fail with its output (and the servers' logs) unless it exits 0."""
+    try:
+        done = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        output = exc.stdout if isinstance(exc.stdout, str) else (exc.stdout or b"").decode(errors="replace")
+        pytest.fail(f"{' '.join(cmd)} ran past {timeout:.0f}s:\n{output[-8000:]}\n{servers.logs() if servers else ''}")
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} failed (exit {done.returncode}) in {cwd}:\n{done.stdout[-12000:]}\n"
+                    f"{servers.logs() if servers else ''}")
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def built() -> None:
+    """Both clients built (node and go must be installed: `make system-deps`)."""
+    for tool in ("node", "npm", "go"):
+        assert shutil.which(tool), f"{tool} not found: run `make system-deps`"
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    run(["make", "--no-print-directory", "clients-ts", "clients-go"], ROOT, env, None)
+
+
+@pytest.fixture(scope="module")
+def servers(built, tiny_model_dir, tmp_path_factory):
+    both = start_servers(tiny_model_dir, tmp_path_factory.mktemp("trainer-data"))
+    yield both
+    both.stop()
+
+
+@pytest.fixture(scope="module")
+def demo_servers(built, tmp_path_factory):
+    if not (DEMO_MODEL / "config.json").exists():
+        pytest.skip(f"no demo model at {DEMO_MODEL}: run `make model` (the vectors use its tokenizer)")
+    both = start_servers(DEMO_MODEL, tmp_path_factory.mktemp("trainer-data-vectors"))
+    yield both
+    both.stop()
+
+
+# ---- TAP (node --test) and go test -v summaries --------------------------------------------------
+
+
+def node_counts(output: str) -> dict[str, int]:
+    """The totals node's test runner prints last: {'pass': n, 'fail': n, 'skipped': n, ...}."""
+    return {key: int(value) for key, value in re.findall(r"^# (tests|pass|fail|cancelled|skipped|todo) (\d+)$", output, re.M)}
+
+
+def go_results(output: str) -> dict[str, str]:
+    """Test name -> PASS / FAIL / SKIP from `go test -v` output (subtests included)."""
+    return dict((name, result) for result, name in re.findall(r"^\s*--- (PASS|FAIL|SKIP): (\S+)", output, re.M))
+
+
+# ---- TypeScript ----------------------------------------------------------------------------------
+
+
+def test_typescript_client(servers):
+    files = sorted(str(p.relative_to(TS)) for p in (TS / "dist" / "test").glob("*.test.js"))
+    assert {"dist/test/policy.test.js", "dist/test/trainer.test.js", "dist/test/unit.test.js"} <= set(files), files
+    output = run(["node", "--test", "--test-concurrency=1", *files], TS, servers.env(), servers)
+    counts = node_counts(output)
+    # Everything runs but the vectors (their own test below, on the demo model).
+    assert counts.get("fail") == 0 and counts.get("pass", 0) >= 40, f"{counts}\n{output[-4000:]}"
+    assert re.findall(r"# SKIP (.*)", output) == [
+        "TOKENFEEDBACK_VECTORS not set (the harness sets it with servers on the demo model)"
+    ], output[-4000:]
+
+
+def test_typescript_example(servers):
+    output = run(["node", "dist/examples/feedback.js"], TS, servers.env(), servers)
+    assert re.search(r"^submitted example-ts-\S+: status 1 rows [12]$", output, re.M), output
+    assert re.search(r"^step 1/1: loss \S+", output, re.M) and re.search(r"^done: model version \d+", output, re.M), output
+
+
+def test_typescript_vectors(demo_servers):
+    output = run(["node", "--test", "dist/test/vectors.test.js"], TS, demo_servers.env(TOKENFEEDBACK_VECTORS=str(VECTORS)),
+                 demo_servers)
+    counts = node_counts(output)
+    assert counts.get("fail") == 0 and counts.get("skipped") == 0 and counts.get("pass", 0) >= 30, f"{counts}\n{output[-4000:]}"
+
+
+# ---- Go ------------------------------------------------------------------------------------------
+
+
+def go_test(servers: Servers, *args: str, **env: str) -> dict[str, str]:
+    output = run(["bash", "go.sh", "test", "-count=1", "-v", *args, GO_PACKAGE], GO, servers.env(**env), servers)
+    results = go_results(output)
+    assert results and "FAIL" not in results.values(), output[-8000:]
+    return results
+
+
+def test_go_client(servers):
+    results = go_test(servers)
+    skipped = [name for name, result in results.items() if result == "SKIP"]
+    # Everything runs but the vectors (their own test below, on the demo model).
+    assert skipped == ["TestVectors"], results
+    assert sum(result == "PASS" for result in results.values()) >= 25, results
+
+
+def test_go_example(servers):
+    output = run(["gopath/bin/example"], GO, servers.env(), servers)
+    assert re.search(r"^submitted example-go-\S+: status 1 rows [12]$", output, re.M), output
+    assert re.search(r"^step 1/1: loss \S+", output, re.M) and re.search(r"^done: model version \d+", output, re.M), output
+
+
+def test_go_vectors(demo_servers):
+    results = go_test(demo_servers, "-run", "^TestVectors$", TOKENFEEDBACK_VECTORS=str(VECTORS))
+    assert results.get("TestVectors") == "PASS", results
+    assert sum(name.startswith("TestVectors/") for name in results) >= 30, results
