@@ -69,19 +69,19 @@ class FakePolicy(policy_pb2_grpc.PolicyServiceServicer):
 
     def Generate(self, request, context):
         self.script.enter("Generate", context)
+        finished = []  # the RPC ending before the last event means the client cancelled it
+        context.add_callback(lambda: None if finished else self.script.stream_cancelled.set())
         yield policy_pb2.GenerateEvent(start=policy_pb2.GenerationStart(generation_id="g", prompt_token_ids=[1]))
         if self.script.fail_after_first_event is not None:
             context.abort(self.script.fail_after_first_event, "broke mid-stream")
         n = request.params.max_new_tokens or 3
         text = ""
         for i in range(n):
-            if not context.is_active():
-                self.script.stream_cancelled.set()
-                return
             text += f" t{i}"
             yield policy_pb2.GenerateEvent(token=policy_pb2.TokenEvent(
                 position=i, token_id=i, text=f" t{i}", logprob=-0.5 * i, model_version=2))
             time.sleep(self.script.delay)
+        finished.append(True)
         yield policy_pb2.GenerateEvent(end=policy_pb2.GenerationEnd(
             finish_reason=policy_pb2.FINISH_REASON_LENGTH, completion_text=text, completion_tokens=n, model_version=2))
 
