@@ -118,7 +118,9 @@ class Backend:
         self.marks = MarkOptions(config.threshold, config.max_marks)
         tls = dict(root_certificates=config.tls_ca, tls=True if config.tls_ca else None, token=config.token)
         self.policy = PolicyClient(config.policy, timeout=30.0, connect_timeout=2.0, **tls)
-        self.trainer = TrainerClient(config.trainer, timeout=30.0, connect_timeout=0.5, **tls)
+        # Few retries: a webhook has under a second, and a trainer that is down should be reported
+        # as such at once rather than after the whole budget went on backoff.
+        self.trainer = TrainerClient(config.trainer, timeout=30.0, connect_timeout=0.5, retries=2, **tls)
         self.submissions = SubmissionLog(config.state)
         self.projects: dict[str, dict] = {}  # Label Studio project id -> {hostname, access_token}
         self.webhook_lock = asyncio.Lock()  # webhooks one at a time: an update's withdraws stay ordered
