@@ -18,6 +18,7 @@ help:
 	@echo "make setup      create .venv, install pinned dependencies, generate stubs"
 	@echo "make model      train the embedded demo model into $(MODEL) (once)"
 	@echo "make serve      start policy + trainer servers on the demo model"
+	@echo "make label      the labeling page at http://127.0.0.1:8700 (starts both servers; LABEL_ARGS=...)"
 	@echo "make demo       the main job: sample, annotate, train, publish; report"
 	@echo "make test       the whole test suite (builds what it needs)"
 	@echo "make bench      kernel, policy and trainer benchmarks -> bench/results/"
@@ -36,11 +37,20 @@ $(GEN_PY)/.stamp: $(PROTOS) $(STAMP) scripts/gen_proto.sh
 	bash scripts/gen_proto.sh
 	touch $@
 
-setup: $(STAMP) $(GEN_PY)/.stamp
+setup: $(STAMP) $(GEN_PY)/.stamp $(WEB_STAMP)
 
 proto: $(STAMP)
 	bash scripts/gen_proto.sh
 	touch $(GEN_PY)/.stamp
+
+# The labeling page (web/): pinned npm packages, TypeScript generated from proto/, one bundle.
+WEB_STAMP := web/dist/.stamp
+$(WEB_STAMP): $(wildcard web/src/*) web/package.json web/package-lock.json web/tsconfig.json $(PROTOS) \
+              scripts/build_web.sh | $(STAMP)
+	bash scripts/build_web.sh
+	touch $@
+
+web: $(WEB_STAMP)
 
 # System packages the non-Python parts need (Go toolchain, protoc plugins, Chromium). Installed
 # with apt-get only when missing.
@@ -56,11 +66,14 @@ model: setup $(MODEL)/config.json
 serve: model
 	$(PY) -m tokenfeedback.cli serve --model $(MODEL) --data $(DATA)/trainer
 
+label: model web
+	$(PY) -m tokenfeedback label --model $(MODEL) --data $(DATA)/trainer $(LABEL_ARGS)
+
 demo: model
-	$(PY) -m demo_model.loop --model $(MODEL) $(DEMO_ARGS)
+	$(PY) -m demo --model $(MODEL) $(DEMO_ARGS)
 
 experiment: model
-	$(PY) -m demo_model.loop --experiment --model $(MODEL) $(DEMO_ARGS)
+	$(PY) -m demo.experiment --model $(MODEL) $(DEMO_ARGS)
 
 # ---- clients for other systems (TypeScript/Node, Go), generated from proto/ -------------------
 TS := clients/typescript
@@ -105,3 +118,4 @@ lint: setup
 clean:
 	rm -rf $(GEN_PY) build .pytest_cache
 	rm -rf $(TS)/gen $(TS)/dist clients/go/gopath clients/go/tokenfeedbackv1
+	rm -rf web/gen web/dist

@@ -1,0 +1,265 @@
+"""The main job: online rounds of token-level feedback on the demo model, through the services.
+
+    python -m demo                       # make demo: the defaults below
+    python -m demo --rounds 2 --budget 32 --variant likelihood --beta 0 --out /tmp/run
+
+One run (`run_arm`):
+1. start the policy and trainer servers (real subprocesses on 127.0.0.1, health-checked);
+2. measure the policy (demo/measure.py): factual error rate on the fixed eval prompts, held-out
+   perplexity, distinct-2;
+3. rounds of online feedback: sample `budget` completions of random eval-set questions from the
+   current policy over the stream, let the simulated annotator (demo/annotator.py) judge them,
+   submit the labelled ones through the Python client, train `steps` optimizer steps (replaying
+   earlier annotations once the new ones are used), publish, measure again;
+4. report round by round; write JSON and a PNG plot; stop both servers.
+
+With `online=False` the whole budget is sampled from the initial model in one go and then trained
+on for the same number of steps (the offline arm of `make claims`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from demo.annotator import FORMS, AnnotatorConfig, SimulatedAnnotator
+from demo.measure import MeasureConfig, measure, sample_many
+from demo.report import plot_lines, write_json
+from demo.services import running_services
+from demo_model.judge import load_truth
+from demo_model.prompts import heldout
+from tokenfeedback import PolicyClient, TrainerClient
+from tokenfeedback.v1 import trainer_pb2
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class ArmConfig:
+    """One way of giving feedback, run for a number of rounds."""
+
+    name: str = "token-level"  # label in tables and plots
+    model: str = "data/demo-model"  # model folder (or hub id) both servers load
+    rounds: int = 5  # rounds of sample -> annotate -> train -> publish -> measure
+    budget: int = 48  # completions the annotator looks at per round (the annotation budget)
+    steps: int = 12  # optimizer steps per round
+    form: str = "token"  # annotator form: "token" (spans + replacements) or "sequence" (one reward)
+    replacements: bool = True  # token form: bad spans carry the right capital as replacement
+    good_share: float = 0.25  # token form: share of right answers marked good
+    variant: str = "unlikelihood"  # likelihood | unlikelihood | pg_clip
+    beta: float = 0.1  # KL coefficient (start value when kl_target is set)
+    kl_target: float | None = None  # adaptive beta holding the KL near this (None: fixed beta)
+    learning_rate: float = 1e-3  # AdamW step size (the demo model is tiny)
+    batch_size: int = 16  # sequences per step
+    horizon: str = "1"  # credit assignment (DESIGN.md "Horizon"); "full" = sequence level
+    gamma: float = 1.0  # discount over the horizon
+    online: bool = True  # False: sample the whole budget from the initial model at once
+    seed: int = 0  # sampling, annotator and trainer seed
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+
+    def trainer_flags(self) -> list[str]:
+        flags = ["--variant", self.variant, "--beta", str(self.beta), "--lr", str(self.learning_rate),
+                 "--batch-size", str(self.batch_size), "--horizon", self.horizon, "--gamma", str(self.gamma),
+                 "--seed", str(self.seed), "--sync", "normal", "--threads", "1"]
+        if self.kl_target is not None:
+            flags += ["--kl-target", str(self.kl_target)]
+        return flags
+
+
+def run_arm(cfg: ArmConfig, log=print) -> dict:
+    """Run one arm end to end against real servers; returns its record (config and rounds)."""
+    truth, held = load_truth(cfg.model), heldout(cfg.model)
+    annotator = SimulatedAnnotator(truth, AnnotatorConfig(cfg.form, cfg.good_share, cfg.replacements, cfg.seed))
+    rng = random.Random(cfg.seed)
+    record = {"config": _plain(asdict(cfg)), "rounds": []}
+    t0 = time.perf_counter()
+    with running_services(cfg.model, cfg.trainer_flags(), log=log) as (policy_proc, trainer_proc):
+        with PolicyClient(policy_proc.address, timeout=120) as policy, \
+             TrainerClient(trainer_proc.address, timeout=120) as trainer:
+            eos_id = _eos_id(policy)
+            used = {"sequences": 0, "labelled": 0, "rows": 0}
+            record["rounds"].append(_round(0, used, measure(policy, held, truth, eos_id, cfg.measure), {}))
+            log(_summary(record["rounds"][-1], cfg.name))
+            for r in range(1, cfg.rounds + 1):
+                if cfg.online or r == 1:
+                    count = cfg.budget if cfg.online else cfg.budget * cfg.rounds
+                    _annotate_round(policy, trainer, annotator, held, rng, r, count, cfg, used)
+                train = _train_round(trainer, cfg, r)
+                _wait_for_version(policy, train["published_version"])
+                record["rounds"].append(_round(r, used, measure(policy, held, truth, eos_id, cfg.measure), train))
+                log(_summary(record["rounds"][-1], cfg.name))
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    return record
+
+
+def _annotate_round(policy, trainer, annotator, held, rng, r: int, count: int, cfg: ArmConfig, used: dict):
+    """Sample `count` completions of random eval questions, annotate, submit; update `used`."""
+    questions = [rng.choice(held.eval_prompts) for _ in range(count)]
+    completions = sample_many(policy, [q.prompt for q in questions], samples=1,
+                              seed=cfg.seed * 1_000_003 + 10_007 * r, max_new_tokens=cfg.measure.max_new_tokens,
+                              concurrency=cfg.measure.concurrency)
+    sequences = []
+    for i, (question, (completion,)) in enumerate(zip(questions, completions, strict=True)):
+        judgement = annotator.judge(question.prompt, completion.text)
+        if judgement.labels is None:
+            continue
+        sequences.append(completion.annotate(f"{cfg.name}-s{cfg.seed}-r{r}-{i}", annotator_id="simulated",
+                                             metadata={"verdict": judgement.verdict.outcome}, **judgement.labels))
+    results = trainer.submit(sequences) if sequences else []
+    bad = [res for res in results if res.status != trainer_pb2.SUBMIT_STATUS_ACCEPTED]
+    if bad:
+        raise RuntimeError(f"round {r}: the trainer did not accept {len(bad)} annotations: {bad[0]}")
+    used["sequences"] += count
+    used["labelled"] += len(sequences)
+    used["rows"] += sum(res.rows for res in results)
+
+
+def _train_round(trainer: TrainerClient, cfg: ArmConfig, r: int) -> dict:
+    """Train `cfg.steps` steps with a progress bar; returns the round's mean loss/KL and version."""
+    losses, kls, token_losses, published = [], [], [], 0
+    bar = tqdm(total=cfg.steps, desc=f"{cfg.name} round {r}", unit="step", leave=False, file=sys.stdout,
+               disable=not sys.stdout.isatty())
+    for progress in trainer.train(steps=cfg.steps, timeout=600):
+        if progress.done:
+            published = progress.published_version or progress.model_version
+            break
+        if not progress.skipped:
+            losses.append(progress.loss)
+            kls.append(progress.kl)
+            token_losses.append(progress.token_loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{progress.loss:.3f}", kl=f"{progress.kl:.4f}", rows=progress.rows)
+    bar.close()
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    return {"loss": mean(losses), "token_loss": mean(token_losses), "kl": mean(kls),
+            "final_kl": kls[-1] if kls else float("nan"), "published_version": published}
+
+
+def _wait_for_version(policy: PolicyClient, version: int, timeout: float = 120) -> None:
+    """Publishing is asynchronous: wait until the policy server holds `version`."""
+    deadline = time.monotonic() + timeout
+    while policy.model_info().model_version < version:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"policy server did not reach version {version} within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def _round(r: int, used: dict, measured: dict, train: dict) -> dict:
+    return {"round": r, "annotated_sequences": used["sequences"], "labelled_sequences": used["labelled"],
+            "token_rows": used["rows"], **measured, **{f"train_{k}": v for k, v in train.items()}}
+
+
+def _summary(row: dict, name: str) -> str:
+    kl = row.get("train_final_kl")
+    return (f"[{name}] round {row['round']}: error rate {row['error_rate']:.1%} "
+            f"(wrong-fact prompts {row['wrong_fact_error_rate']:.1%}, held-out phrasings "
+            f"{row['generalization_error_rate']:.1%}), held-out perplexity {row['heldout_perplexity']:.3f}, "
+            f"distinct-2 {row['distinct2']:.3f}, KL {'-' if kl is None else f'{kl:.4f}'}, "
+            f"{row['annotated_sequences']} sequences seen, {row['token_rows']} token rows, "
+            f"version {row['model_version']}")
+
+
+def _eos_id(policy: PolicyClient) -> int:
+    info = policy.model_info()
+    for special in info.special_tokens:
+        if special.role == "eos":
+            return special.token_id
+    raise RuntimeError(f"model {info.model_name} has no eos token; held-out perplexity needs one")
+
+
+def _plain(values: dict) -> dict:
+    return {k: (_plain(v) if isinstance(v, dict) else v) for k, v in values.items()}
+
+
+# ---- make demo ---------------------------------------------------------------------------------
+
+
+def check_targets(record: dict) -> list[str]:
+    """The demo's acceptance targets (issue 6): last error rate <= a quarter of the first, held-out
+    perplexity up by no more than 10%. Returns the targets missed."""
+    first, last = record["rounds"][0], record["rounds"][-1]
+    missed = []
+    if not last["error_rate"] <= first["error_rate"] / 4:
+        missed.append(f"error rate {first['error_rate']:.1%} -> {last['error_rate']:.1%} (target <= "
+                      f"{first['error_rate'] / 4:.1%})")
+    if not last["heldout_perplexity"] <= 1.10 * first["heldout_perplexity"]:
+        missed.append(f"held-out perplexity {first['heldout_perplexity']:.3f} -> {last['heldout_perplexity']:.3f} "
+                      f"(target <= {1.1 * first['heldout_perplexity']:.3f})")
+    return missed
+
+
+def plot_demo(record: dict, path: Path) -> Path:
+    rows = record["rounds"]
+    x = [r["annotated_sequences"] for r in rows]
+    return plot_lines(path, "make demo: token-level feedback on the capital-facts model",
+                      "annotated sequences (seen by the annotator)", "rate / relative perplexity", {
+                          "factual error rate (eval prompts)": (x, [r["error_rate"] for r in rows], None),
+                          "error rate, wrong-fact prompts": (x, [r["wrong_fact_error_rate"] for r in rows], None),
+                          "error rate, held-out phrasings": (x, [r["generalization_error_rate"] for r in rows], None),
+                          "held-out perplexity / start": (
+                              x, [r["heldout_perplexity"] / rows[0]["heldout_perplexity"] for r in rows], None),
+                      })
+
+
+def arm_arguments(parser: argparse.ArgumentParser, defaults: ArmConfig = ArmConfig()) -> None:
+    a = parser.add_argument
+    a("--model", default=defaults.model, help="model folder or hub id (default %(default)s)")
+    a("--rounds", type=int, default=defaults.rounds, help="feedback rounds (default %(default)s)")
+    a("--budget", type=int, default=defaults.budget, help="completions annotated per round (default %(default)s)")
+    a("--steps", type=int, default=defaults.steps, help="optimizer steps per round (default %(default)s)")
+    a("--variant", default=defaults.variant, choices=("likelihood", "unlikelihood", "pg_clip"),
+      help="per-token loss (default %(default)s)")
+    a("--beta", type=float, default=defaults.beta, help="KL coefficient (default %(default)s)")
+    a("--kl-target", type=float, default=None, help="adaptive beta holding the KL near this")
+    a("--lr", type=float, default=defaults.learning_rate, help="learning rate (default %(default)s)")
+    a("--batch-size", type=int, default=defaults.batch_size, help="sequences per step (default %(default)s)")
+    a("--form", default=defaults.form, choices=FORMS, help="annotation form (default %(default)s)")
+    a("--horizon", default=defaults.horizon, help="credit-assignment horizon: integer or 'full'")
+    a("--gamma", type=float, default=defaults.gamma, help="discount over the horizon (default %(default)s)")
+    a("--samples", type=int, default=defaults.measure.samples, help="eval samples per prompt")
+    a("--seed", type=int, default=defaults.seed, help="seed (default %(default)s)")
+
+
+def arm_from_args(args: argparse.Namespace, **overrides) -> ArmConfig:
+    base = ArmConfig()
+    return replace(base, model=args.model, rounds=args.rounds, budget=args.budget, steps=args.steps,
+                   variant=args.variant, beta=args.beta, kl_target=args.kl_target, learning_rate=args.lr,
+                   batch_size=args.batch_size, form=args.form, horizon=args.horizon, gamma=args.gamma,
+                   seed=args.seed, measure=replace(base.measure, samples=args.samples), **overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n\n")[0])
+    arm_arguments(parser)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for demo.json and demo.png")
+    parser.add_argument("--require-targets", action="store_true",
+                        help="exit 1 when the error rate / perplexity targets are missed")
+    args = parser.parse_args(argv)
+    cfg = arm_from_args(args)
+    print(f"tokenfeedback demo: {cfg.rounds} rounds x {cfg.budget} annotated completions, variant {cfg.variant}, "
+          f"beta {cfg.beta}, model {cfg.model}", flush=True)
+    record = run_arm(cfg, log=lambda m: print(m, flush=True))
+    missed = check_targets(record)
+    record["targets_missed"] = missed
+    json_path = write_json(record, args.out / "demo.json")
+    png_path = plot_demo(record, args.out / "demo.png")
+    first, last = record["rounds"][0], record["rounds"][-1]
+    print(f"\nerror rate {first['error_rate']:.1%} -> {last['error_rate']:.1%}, held-out perplexity "
+          f"{first['heldout_perplexity']:.3f} -> {last['heldout_perplexity']:.3f}, "
+          f"{last['labelled_sequences']} labelled sequences, {last['token_rows']} token rows, {record['seconds']} s")
+    print("targets: " + ("met" if not missed else "missed: " + "; ".join(missed)))
+    print(f"wrote {json_path} and {png_path}")
+    return 1 if (missed and args.require_targets) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
