@@ -13,6 +13,7 @@ from pathlib import Path
 
 VARIANTS = ("likelihood", "unlikelihood", "pg_clip")
 STALE_POLICIES = ("downweight", "skip")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,8 @@ class TrainerConfig:
     gamma: float = 1.0  # discount over the horizon, in [0, 1]
     bad_span_share: float = 0.0  # weight share of a bad span's later tokens (DESIGN.md, "Spans")
     # ---- optimization ----
-    learning_rate: float = 5e-5  # AdamW step size
+    optimizer: str = "adamw"  # adamw | sgd (plain SGD: the update is -lr * gradient, e.g. for exact comparisons)
+    learning_rate: float = 5e-5  # optimizer step size
     weight_decay: float = 0.0  # AdamW decoupled decay (0: the KL term keeps the policy near the reference)
     max_grad_norm: float = 1.0  # clip the global gradient norm; 0 disables
     batch_size: int = 16  # sequences per optimizer step (over all processes)
@@ -73,6 +75,7 @@ class TrainerConfig:
             (0 < self.clip_eps < 1, f"--clip-eps: must be in (0, 1), got {self.clip_eps}"),
             (0 <= self.gamma <= 1, f"--gamma: must be in [0, 1], got {self.gamma}"),
             (0 <= self.bad_span_share <= 1, f"--bad-span-share: must be in [0, 1], got {self.bad_span_share}"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer: must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
             (self.learning_rate > 0, f"--lr: must be > 0, got {self.learning_rate}"),
             (self.batch_size >= 1, f"--batch-size: must be >= 1, got {self.batch_size}"),
             (self.micro_batch_size >= 0, f"--micro-batch-size: must be >= 0, got {self.micro_batch_size}"),
@@ -138,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--gamma", type=float, default=d.gamma, help="discount over the horizon (default %(default)s)")
     a("--bad-span-share", type=float, default=d.bad_span_share,
       help="weight share of a bad span's tokens after its first (default %(default)s)")
+    a("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="adamw (default) or sgd")
     a("--lr", "--learning-rate", dest="learning_rate", type=float, default=d.learning_rate,
-      help="AdamW learning rate (default %(default)s)")
+      help="learning rate (default %(default)s)")
     a("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default %(default)s)")
     a("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clip, 0 off (default %(default)s)")
     a("--batch-size", type=int, default=d.batch_size, help="sequences per step (default %(default)s)")

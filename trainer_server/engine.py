@@ -139,7 +139,8 @@ class TrainerEngine:
         model.requires_grad_(True)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.trainer = PolicyTrainer(model, reference, self.collective, learning_rate=c.learning_rate,
-                                     weight_decay=c.weight_decay, micro_batch_size=c.micro_batch_size,
+                                     weight_decay=c.weight_decay, optimizer=c.optimizer,
+                                     micro_batch_size=c.micro_batch_size,
                                      pad_id=int(pad_id))
         self.max_seq_len = min(c.max_seq_len, loaded.max_length)
         self.vocab_size = loaded.vocab_size

@@ -108,6 +108,7 @@ class PolicyTrainer:
         *,
         learning_rate: float,
         weight_decay: float = 0.0,
+        optimizer: str = "adamw",
         micro_batch_size: int = 0,
         pad_id: int = 0,
     ):
@@ -122,12 +123,17 @@ class PolicyTrainer:
         self.pad_id = pad_id
         self.device = next(model.parameters()).device
         self.params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
-        self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=weight_decay)
+        if optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=weight_decay)
+        elif optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(self.params, lr=learning_rate, weight_decay=weight_decay)
+        else:
+            raise ValueError(f"optimizer: must be adamw or sgd, got {optimizer!r}")
 
     # ---- one step ----
 
     def step(self, batch: Sequence[Example], params: StepParams) -> StepResult:
-        """Forward + backward on this rank's shard, all-reduce, then one AdamW step unless the loss
+        """Forward + backward on this rank's shard, all-reduce, then one optimizer step unless the loss
         or the gradient is not finite. Every rank calls it with the same batch and params."""
         start = time.perf_counter()
         total_rows = sum(len(e.rows) for e in batch)  # R
