@@ -12,6 +12,7 @@ import math
 
 import pytest
 from labelstudio_harness import http_json
+
 from tokenfeedback.client import PolicyClient, TrainerClient
 from tokenfeedback.errors import NotFoundError
 from tokenfeedback.imports import labelstudio_annotation_id
@@ -152,6 +153,20 @@ def test_predict_marks_the_least_likely_tokens_one_result_per_task_in_order(back
         assert item["score"] == pytest.approx(math.exp(min(t.logprob for t in scored.tokens)), rel=1e-3)
         assert all(r["value"]["labels"] == [NAMES.bad] for r in item["result"])
     assert any(item["result"] for item in results), "threshold 0.2 on a random tiny model marks something"
+
+
+def test_predictions_follow_the_projects_own_tag_names(backend, clients):
+    policy, _ = clients
+    config = ('<View><Text name="p" value="$prompt"/><Labels name="tag" toName="text"><Label value="Bad"/>'
+              '<Label value="Good"/></Labels><Text name="text" value="$text"/></View>')
+    task = {"id": 15, "data": {"prompt": PROMPT, "text": CAPITAL}}
+    status, reply, _ = call(backend, "/predict", {"tasks": [task], "label_config": config})
+    assert status == 200
+    [item] = reply["results"]
+    expected = expected_marks(policy.score(PROMPT, CAPITAL), CAPITAL, 0.2, 2)
+    assert expected, "the tiny model finds some token of CAPITAL unlikely"
+    assert [(r["from_name"], r["to_name"], r["value"]["start"]) for r in item["result"]] == [
+        ("tag", "text", e[0]) for e in expected]
 
 
 def test_prompt_only_task_gets_a_generated_completion(backend, clients):

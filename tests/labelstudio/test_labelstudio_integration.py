@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from labelstudio_harness import ROOT, ensure_venv, start_label_studio, start_servers
+
 from tokenfeedback.client import PolicyClient, TrainerClient
 from tokenfeedback.imports import labelstudio_annotation_id
 from tokenfeedback.labelstudio import NAMES, label_config

@@ -6,8 +6,10 @@ import math
 from dataclasses import dataclass
 
 import pytest
+
 from tokenfeedback.imports import labelstudio_sequence
 from tokenfeedback.labelstudio import NAMES, label_config
+from tokenfeedback.labelstudio.config import names_from_config
 from tokenfeedback.labelstudio.predict import (
     MarkOptions,
     bad_region,
@@ -138,3 +140,15 @@ def test_shipped_config_names_the_tags_the_backend_uses():
     assert 'perRegion="true"' in config
     assert f'value="{NAMES.bad}"' in config and f'value="{NAMES.good}"' in config
     assert "$prompt" in config and "$completion" in config
+
+
+def test_tag_names_are_read_from_the_projects_config():
+    assert names_from_config(label_config()) == NAMES
+    plain = ('<View><Labels name="tag" toName="text"><Label value="good"/><Label value="bad"/></Labels>'
+             '<Text name="text" value="$text"/><TextArea name="fix" toName="text" perRegion="true"/></View>')
+    names = names_from_config(plain)
+    assert (names.labels, names.completion, names.completion_key, names.replacement, names.bad, names.good) == (
+        "tag", "text", "text", "fix", "bad", "good")
+    for unusable in ("<View>", "<View><Text name='t' value='$t'/></View>",
+                     '<View><Labels name="l" toName="t"><Label value="PER"/></Labels><Text name="t" value="$t"/></View>'):
+        assert names_from_config(unusable) == NAMES

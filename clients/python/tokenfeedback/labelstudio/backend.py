@@ -52,6 +52,7 @@ from tokenfeedback.errors import (
     UnavailableError,
 )
 from tokenfeedback.imports import ConversionError, Skipped, labelstudio_annotation_id, labelstudio_sequence
+from tokenfeedback.labelstudio.config import NAMES, LabelNames, names_from_config
 from tokenfeedback.labelstudio.predict import MarkOptions, prediction
 from tokenfeedback.labelstudio.state import SubmissionLog
 
@@ -162,12 +163,14 @@ class Backend:
         if not isinstance(tasks, list):
             raise RequestError(400, "tasks: expected a list of tasks")
         project = _project_id(body.get("project"))
+        config = body.get("label_config")
+        names = names_from_config(config) if isinstance(config, str) and config else NAMES
         started = time.perf_counter()
         limit = asyncio.Semaphore(self.config.predict_concurrency)
 
         async def one(index: int, task: Any) -> dict:
             async with limit:
-                return await asyncio.to_thread(self._predict_task, index, task, project)
+                return await asyncio.to_thread(self._predict_task, index, task, project, names)
 
         results = await asyncio.gather(*(one(i, task) for i, task in enumerate(tasks)))
         elapsed = time.perf_counter() - started
@@ -175,47 +178,47 @@ class Backend:
                  1e3 * elapsed / max(1, len(tasks)))
         return JSONResponse({"results": results})
 
-    def _predict_task(self, index: int, task: Any, project: str) -> dict:
+    def _predict_task(self, index: int, task: Any, project: str, names: LabelNames) -> dict:
         """One task's prediction, or an empty one with an `error` (a task's own fault must not
         cost the other tasks theirs: Label Studio drops a results list of the wrong length)."""
         task_id = task.get("id") if isinstance(task, dict) else None
         where = f"task {task_id}" if task_id is not None else f"tasks[{index}]"
         try:
-            return self._predict_or_raise(task, project, where)
+            return self._predict_or_raise(task, project, where, names)
         except (RequestError, TokenfeedbackError) as exc:  # not PolicyUnreachable: that fails the request
             message = exc.message if isinstance(exc, RequestError) else str(exc)
             log.warning("predict: %s: %s", where, message)
             return {"result": [], "score": 0.0, "model_version": "", "error": f"{where}: {message}", "task": task_id}
 
-    def _predict_or_raise(self, task: Any, project: str, where: str) -> dict:
+    def _predict_or_raise(self, task: Any, project: str, where: str, names: LabelNames) -> dict:
         if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
             raise RequestError(400, "task has no `data` object")
         data = task["data"]
-        text_key = "completion" if "completion" in data else "text"
-        completion = data.get(text_key)
+        key = names.completion_key
+        completion = data.get(key)
         prompt = data.get("prompt", "")
         if not isinstance(prompt, str) or not isinstance(completion, str | None):
-            raise RequestError(400, "data.prompt and data.completion must be strings")
+            raise RequestError(400, f"data.prompt and data.{key} must be strings")
         if not completion and not prompt:
-            raise RequestError(400, "task has no text: data.completion (or data.text) and data.prompt are empty")
+            raise RequestError(400, f"task has no text: data.{key} and data.prompt are empty")
         try:
             if completion:
-                return self._score(data, prompt, completion)
-            return self._generate(task, data, prompt, project, where)
+                return self._score(data, prompt, completion, names)
+            return self._generate(task, data, prompt, project, where, names)
         except TokenfeedbackError as exc:
             if _unreachable(exc):  # the whole request fails: Label Studio stores nothing, can retry
                 raise PolicyUnreachable(f"policy server at {self.config.policy} unreachable: {exc}") from None
             raise
 
-    def _score(self, data: dict, prompt: str, completion: str) -> dict:
+    def _score(self, data: dict, prompt: str, completion: str, names: LabelNames) -> dict:
         prompt_ids, completion_ids = data.get("prompt_token_ids"), data.get("completion_token_ids")
         scored = self.policy.score(prompt_ids or prompt, completion_ids or completion)
         if completion_ids and scored.completion_text != completion:
             raise RequestError(400, "data.completion_token_ids decode to "
                                f"{scored.completion_text!r}, not data.completion {completion!r}")
-        return prediction(completion, scored.tokens, model_version_name(scored.model_version), self.marks)
+        return prediction(completion, scored.tokens, model_version_name(scored.model_version), self.marks, names)
 
-    def _generate(self, task: dict, data: dict, prompt: str, project: str, where: str) -> dict:
+    def _generate(self, task: dict, data: dict, prompt: str, project: str, where: str, names: LabelNames) -> dict:
         """A prompt-only task: sample a completion, write it (with its token ids, the truth, and
         model version) into the task through Label Studio's API so the annotator labels it, and
         return it with the prediction."""
@@ -226,12 +229,12 @@ class Backend:
             seed=self.config.seed,
         )
         generated = {
-            "completion": done.text,
+            names.completion_key: done.text,
             "prompt_token_ids": done.prompt_token_ids,
             "completion_token_ids": done.token_ids,
             "model_version": done.model_version,
         }
-        item = prediction(done.text, done.tokens, model_version_name(done.model_version), self.marks)
+        item = prediction(done.text, done.tokens, model_version_name(done.model_version), self.marks, names)
         item["completion"] = generated
         item["task_updated"] = self._write_task_data(task, {**data, **generated}, project, where)
         return item

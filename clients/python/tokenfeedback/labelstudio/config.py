@@ -8,7 +8,9 @@ results by these tag names, so a project that renames them must say so (see Labe
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from xml.etree import ElementTree
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,7 @@ class LabelNames:
     replacement: str = "replacement"  # per-region <TextArea> for a Bad span's replacement text
     bad: str = "Bad"  # label value of a wrong span (weight -1)
     good: str = "Good"  # label value of a right span (weight +1)
+    completion_key: str = "completion"  # task data key the completion <Text> shows ($completion)
 
 
 NAMES = LabelNames()
@@ -41,6 +44,33 @@ LABEL_CONFIG = f"""<View>
   </View>
 </View>
 """
+
+
+@functools.lru_cache(maxsize=64)
+def names_from_config(xml: str) -> LabelNames:
+    """The tag names of a project's own labeling config, so predictions fit a config that names
+    its tags differently (e.g. `<Text name="text" value="$text"/>`): the first <Labels> with a
+    Bad label, the <Text> it labels, and a per-region <TextArea> on that text. The shipped names
+    where the config has no such tags (or does not parse)."""
+    try:
+        root = ElementTree.fromstring(xml)
+    except ElementTree.ParseError:
+        return NAMES
+    for labels in root.iter("Labels"):
+        values = [label.get("value", "") for label in labels.iter("Label")]
+        bad = next((v for v in values if v.lower() == NAMES.bad.lower()), None)
+        target = labels.get("toName", "")
+        text = next((t for t in root.iter("Text") if t.get("name") == target), None)
+        if bad is None or text is None or not text.get("value", "").startswith("$"):
+            continue
+        good = next((v for v in values if v.lower() == NAMES.good.lower()), NAMES.good)
+        areas = [a.get("name", "") for a in root.iter("TextArea")
+                 if a.get("toName") == target and a.get("perRegion") == "true"]
+        prompt = next((t.get("name", "") for t in root.iter("Text") if t.get("value") == "$prompt"), NAMES.prompt)
+        return LabelNames(prompt=prompt, completion=target, labels=labels.get("name", NAMES.labels),
+                          replacement=areas[0] if areas else NAMES.replacement, bad=bad, good=good,
+                          completion_key=text.get("value")[1:])
+    return NAMES
 
 
 def label_config() -> str:
