@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         if collective.leader:
             asyncio.run(serve(config, collective))
         else:
+            distributed.ignore_termination()
             engine = TrainerEngine(config, collective)
             engine.load()
             engine.follow()

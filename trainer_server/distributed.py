@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import signal
 
 import torch
 import torch.distributed as dist
@@ -69,6 +70,14 @@ def init(rank: int, world_size: int, device: torch.device) -> Collective:
         dist.init_process_group(backend=backend, timeout=IDLE_TIMEOUT)
         log.info("joined process group: rank %d of %d (%s)", rank, world_size, backend)
     return Collective(rank, world_size)
+
+
+def ignore_termination() -> None:
+    """Followers leave when rank 0 says stop (after its last step and checkpoint), not on the
+    SIGTERM torchrun forwards to every rank; a rank 0 that dies ends them through the broken
+    process group, and torchrun's SIGKILL escalation remains."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def shutdown() -> None:

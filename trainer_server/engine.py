@@ -170,7 +170,10 @@ class TrainerEngine:
 
     def close(self) -> None:
         if self.collective.active and self.collective.leader:
-            self.collective.broadcast(("stop",))
+            try:
+                self.collective.broadcast(("stop",))
+            except Exception as exc:  # noqa: BLE001 - a follower that died already; nothing to stop
+                log.warning("could not tell the followers to stop: %s", exc)
         if self.store is not None:
             self.store.close()
 

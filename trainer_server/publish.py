@@ -22,10 +22,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
-import tokenfeedback.v1.policy_pb2 as policy_pb2
-import tokenfeedback.v1.policy_pb2_grpc as policy_pb2_grpc
 import torch
 
+import tokenfeedback.v1.policy_pb2 as policy_pb2
+import tokenfeedback.v1.policy_pb2_grpc as policy_pb2_grpc
 from common.weights import UpdateSummary, dtype_name, iter_chunks, summarize_state_dict
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,9 @@ import logging
 import threading
 
 import grpc
+
 import tokenfeedback.v1.trainer_pb2 as trainer_pb2
 import tokenfeedback.v1.trainer_pb2_grpc as trainer_pb2_grpc
-
 from common.process import announce
 from common.rpc import ServerOptions, create_grpc_server, rpc_method, set_serving
 from trainer_server.config import TrainerConfig

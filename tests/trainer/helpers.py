@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 import grpc
+
 import tokenfeedback.v1.policy_pb2_grpc as policy_pb2_grpc
 import tokenfeedback.v1.trainer_pb2 as trainer_pb2
 import tokenfeedback.v1.trainer_pb2_grpc as trainer_pb2_grpc

@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 
 import pytest
-import tokenfeedback.v1.trainer_pb2 as pb
 from safetensors.torch import load_file
 
+import tokenfeedback.v1.trainer_pb2 as pb
 from trainer_server.checkpoint import Checkpoints
 
 from .helpers import simple_sequence, status, train, trainer_stub

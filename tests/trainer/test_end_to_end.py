@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 
 import pytest
+
 import tokenfeedback.v1.policy_pb2 as ppb
 import tokenfeedback.v1.trainer_pb2 as pb
-
 from common.process import wait_serving
 
 from .helpers import free_port, policy_stub, status, train, trainer_stub

@@ -8,8 +8,9 @@ import math
 
 import grpc
 import pytest
-import tokenfeedback.v1.trainer_pb2 as pb
 from transformers import AutoTokenizer
+
+import tokenfeedback.v1.trainer_pb2 as pb
 
 from .helpers import simple_sequence, status, trainer_stub
 
