@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import tokenfeedback.v1.policy_pb2 as policy_pb2
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
-from tokenfeedback.v1.policy_connect import PolicyServiceASGIApplication
 
+import tokenfeedback.v1.policy_pb2 as policy_pb2
 from common.connect import HttpServer, announce_connect, connect_method, route, service_routes
 from common.spans import Span
 from policy_server.engine import Engine
@@ -28,6 +27,7 @@ from policy_server.service import (
     score_pb,
     score_request,
 )
+from tokenfeedback.v1.policy_connect import PolicyServiceASGIApplication
 
 
 class PolicyConnect:

@@ -24,6 +24,7 @@ import grpc
 from common.hf import DTYPE_CHOICES
 from common.process import announce
 from common.rpc import ServerOptions, create_grpc_server, install_signal_handlers, set_serving
+from policy_server.connect import start_connect
 from policy_server.engine import Engine, EngineConfig
 from policy_server.service import SERVICE_NAME, PolicyService, register
 
@@ -35,6 +36,7 @@ class PolicyServerConfig:
     model: str = "data/demo-model"  # local folder (what `make model` writes) or a hub id
     host: str = "127.0.0.1"  # bind address; plaintext without auth: loopback unless you know better
     port: int = 50051  # 0 binds a free port (announced on stdout)
+    http_port: int | None = None  # Connect (browsers, curl) next to gRPC, policy_server/connect.py; 0 free; None off
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on a GPU) | float32 | bfloat16 | float16
     max_batch: int = 16  # sequences decoded together in one forward
@@ -60,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> PolicyServerConfig:
     p.add_argument("--port", type=int, default=d.port, help="port; 0 picks a free one (default %(default)s)")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N (default %(default)s)")
     p.add_argument("--dtype", default=d.dtype, choices=DTYPE_CHOICES, help="parameter dtype (default %(default)s)")
+    p.add_argument("--http-port", type=int, default=d.http_port,
+                   help="also serve PolicyService over Connect (the labeling page, curl) on this port; 0: a free one")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="streams decoded together (default %(default)s)")
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests (default %(default)s)")
     p.add_argument("--max-new-tokens-limit", type=int, default=d.max_new_tokens_limit,
@@ -73,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> PolicyServerConfig:
     if a.max_message_bytes < 5 * 1024 * 1024:
         p.error("--max-message-bytes must hold a 4 MiB update chunk (>= 5 MiB)")
     return PolicyServerConfig(
-        model=a.model, host=a.host, port=a.port, device=a.device, dtype=a.dtype, max_batch=a.max_batch,
+        model=a.model, host=a.host, port=a.port, http_port=a.http_port, device=a.device, dtype=a.dtype, max_batch=a.max_batch,
         max_queue=a.max_queue, max_new_tokens_limit=a.max_new_tokens_limit, threads=a.threads, grace_s=a.grace,
         max_message_bytes=a.max_message_bytes,
     )
@@ -106,6 +110,9 @@ async def serve(config: PolicyServerConfig) -> int:
     announce("policy", config.host, port)
     engine = None
     try:
+    http = None
+    if config.http_port is not None:
+        http = await start_connect(lambda: service.engine, config.host, config.http_port)
         loading = asyncio.ensure_future(load_into(config, service, health))
         await asyncio.wait([loading, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
         if not loading.done():  # stopped while loading: the load thread cannot be interrupted
@@ -123,6 +130,8 @@ async def serve(config: PolicyServerConfig) -> int:
     finally:
         if engine is not None:
             await engine.close()
+        if http is not None:
+            await http.stop(config.grace_s)
     log.info("stopped")
     return 0
 

@@ -15,6 +15,8 @@ PACKAGES=(
   protoc-gen-go               # protoc plugin: Go messages
   protoc-gen-go-grpc          # protoc plugin: Go gRPC stubs
   chromium                    # headless browser for the labeling page's tests (web/)
+  fonts-noto-color-emoji      # emoji glyphs for the page's screenshots (web/)
+  fonts-droid-fallback        # CJK glyphs for the page's screenshots (web/)
 )
 
 installed() {

@@ -19,6 +19,7 @@ from common.hf import resolve_device
 from common.rpc import install_signal_handlers
 from trainer_server import distributed
 from trainer_server.config import TrainerConfig, config_from_args
+from trainer_server.connect import start_connect
 from trainer_server.engine import TrainerEngine
 from trainer_server.service import create_server
 
@@ -29,6 +30,7 @@ async def serve(config: TrainerConfig, collective: distributed.Collective) -> No
     stop = asyncio.Event()
     install_signal_handlers(stop)
     app, _ = await create_server(config, TrainerEngine(config, collective))
+    http = await start_connect(app, config.host, config.http_port) if config.http_port is not None else None
     try:
         load = asyncio.create_task(app.load())
         await asyncio.wait({load, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
@@ -37,6 +39,8 @@ async def serve(config: TrainerConfig, collective: distributed.Collective) -> No
             await stop.wait()
     finally:
         log.info("shutting down")
+        if http is not None:
+            await http.stop()
         await app.stop()
 
 

@@ -24,6 +24,7 @@ class TrainerConfig:
     data: Path = Path("data/trainer")  # annotation store, checkpoints (created if missing)
     host: str = "127.0.0.1"  # gRPC bind address
     port: int = 50052  # gRPC port; 0 picks a free one (announced on stdout)
+    http_port: int | None = None  # Connect (browsers, curl) next to gRPC, common/connect.py; 0 free; None off
     policies: tuple[str, ...] = ()  # HOST:PORT of every policy server to publish to
     # ---- the loss (DESIGN.md, "The loss") ----
     variant: str = "unlikelihood"  # likelihood | unlikelihood | pg_clip
@@ -131,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data", type=Path, default=d.data, help="folder for the annotation store and checkpoints")
     a("--host", default=d.host, help="bind address (default %(default)s)")
     a("--port", type=int, default=d.port, help="gRPC port, 0 for a free one (default %(default)s)")
+    a("--http-port", type=int, default=d.http_port,
+      help="also serve TrainerService over Connect (the labeling page, curl) on this port; 0 for a free one")
     a("--policy", default="", help="HOST:PORT[,HOST:PORT...] of the policy servers to publish to")
     a("--variant", default=d.variant, choices=VARIANTS, help="per-row loss (default %(default)s)")
     a("--beta", type=float, default=d.beta, help="KL coefficient; the start value if --kl-target is set")

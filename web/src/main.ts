@@ -449,14 +449,17 @@ function begin(w: Work): void {
   renderDetail();
 }
 
-/** After the last token: suggestions, the cursor on the first of them, focus on the tokens. */
-function finish(w: Work, focusTokens: boolean): void {
+/** After the last token: suggestions, the cursor on the first of them, and the focus on the
+ * tokens unless the annotator went elsewhere meanwhile (the side panel, say). */
+function finish(w: Work): void {
   w.done = true;
   if (work !== w) return;
   suggested = settings.suggest ? suggestions(w.tokens) : new Map();
   cursor = suggested.size ? Math.min(...suggested.keys()) : 0;
   changed();
-  if (focusTokens && w.tokens.length) el.tokens.focus();
+  const at = document.activeElement;
+  const idle = !at || at === document.body || el.promptForm.contains(at) || el.tokens.contains(at);
+  if (idle && w.tokens.length) el.tokens.focus();
 }
 
 function okToReplace(): boolean {
@@ -481,7 +484,6 @@ async function generate(): Promise<void> {
   generating?.abort();
   const ctl = new AbortController();
   generating = ctl;
-  const focusTokens = el.tokens.contains(document.activeElement) || el.promptForm.contains(document.activeElement);
   const w = newWork("generate", promptText);
   begin(w);
   el.stop.hidden = false;
@@ -515,7 +517,7 @@ async function generate(): Promise<void> {
   } finally {
     if (generating === ctl) generating = null;
     el.stop.hidden = true;
-    finish(w, focusTokens);
+    finish(w);
   }
 }
 
@@ -537,7 +539,7 @@ async function score(): Promise<void> {
     w.finish = `failed (${describe(err)})`;
     note(`Score failed: ${describe(err)}`, true);
   }
-  finish(w, true);
+  finish(w);
 }
 
 function nextPrompt(): void {
@@ -789,6 +791,7 @@ function onTokenKey(e: KeyboardEvent): void {
 }
 
 function wire(): void {
+  $("you").addEventListener("submit", (e) => e.preventDefault());
   el.promptForm.addEventListener("submit", (e) => {
     e.preventDefault();
     void generate();

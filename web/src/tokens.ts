@@ -139,14 +139,17 @@ export function cpSlice(text: string, start: number, end: number): string {
   return Array.from(text).slice(start, end).join("");
 }
 
-/** Positions of the tokens a character span overlaps, ignoring each token's leading whitespace
- * (DESIGN.md, "Spans"): what the page highlights; the trainer does its own alignment. */
+/** Positions of the tokens a character span covers, by the servers' rule (DESIGN.md, "Spans";
+ * common/spans.py): a token overlaps the span ignoring its leading whitespace, and a token that
+ * only starts a character (no characters of its own) belongs where that character starts. What
+ * the page highlights is what the trainer will store. */
 export function tokensInSpan(tokens: Tok[], start: number, end: number): number[] {
   return tokens
     .filter((t) => {
+      if (t.charStart === t.charEnd) return start <= t.charStart && t.charStart < end;
       const lead = cpLength(t.text) - cpLength(t.text.trimStart());
-      const s = Math.min(t.charStart + lead, t.charEnd);
-      return s < t.charEnd && s < end && start < t.charEnd;
+      const tokenStart = lead < cpLength(t.text) ? t.charStart + lead : t.charStart;
+      return tokenStart < end && start < t.charEnd;
     })
     .map((t) => t.position);
 }
@@ -157,17 +160,24 @@ export function tokensInSpan(tokens: Tok[], start: number, end: number): number[
 const CLOSE_RATIO = Math.log(1.5);
 
 /** Tokens an annotator should check first, with why: the least likely ones under the policy
- * itself (at most 3, about one in ten, and only below p = 0.5), and close calls where another
- * top-k alternative was nearly as likely as the sampled token. */
+ * itself (at most 3, about one in ten, and only below p = 0.5), and the two closest calls, where
+ * another top-k alternative was within a factor 1.5 of the sampled token's probability. */
 export function suggestions(tokens: Tok[]): Map<number, string> {
   const out = new Map<number, string>();
   const count = Math.min(3, Math.max(1, Math.ceil(tokens.length / 10)));
   const least = [...tokens].sort((a, b) => a.logprob - b.logprob).slice(0, count);
   for (const t of least) if (t.logprob < Math.log(0.5)) out.set(t.position, `unlikely: p ${percent(t.logprob)}`);
-  for (const t of tokens) {
-    if (out.has(t.position) || t.logprob > Math.log(0.9)) continue;
-    const rival = t.alternatives.find((a) => a.tokenId !== t.tokenId && Math.abs(a.logprob - t.logprob) < CLOSE_RATIO);
-    if (rival) out.set(t.position, `close call: ${JSON.stringify(rival.text)} ${percent(rival.logprob)} vs ${percent(t.logprob)}`);
+  const close = tokens
+    .filter((t) => !out.has(t.position) && t.logprob < Math.log(0.9))
+    .map((t) => {
+      const rival = t.alternatives.find((a) => a.tokenId !== t.tokenId);
+      return { t, rival, gap: rival ? Math.abs(rival.logprob - t.logprob) : Infinity };
+    })
+    .filter((c) => c.gap < CLOSE_RATIO)
+    .sort((a, b) => a.gap - b.gap)
+    .slice(0, 2);
+  for (const { t, rival } of close) {
+    out.set(t.position, `close call: ${JSON.stringify(rival!.text)} ${percent(rival!.logprob)} vs ${percent(t.logprob)}`);
   }
   return out;
 }

@@ -1,0 +1,150 @@
+"""Connect next to the gRPC port: the one error mapping, and the HTTP server both servers share.
+
+Browsers cannot speak gRPC (no HTTP/2 trailers from fetch), but they can speak Connect, which
+carries the same protobuf messages over plain HTTP/1.1 POSTs (notes/browser-transport.md). Each
+server can therefore serve its services a second time over Connect (`--http-port`), through an
+adapter as thin as its gRPC servicer and over the same engine: policy_server/connect.py and
+trainer_server/connect.py. The generated Connect applications (tokenfeedback.v1.*_connect, made with
+protobuf=google so the messages are the very *_pb2 classes grpc.aio uses) also answer gRPC-Web and
+Connect's JSON, so `curl -H 'content-type: application/json' -d '{}'
+http://HOST:PORT/tokenfeedback.v1.TrainerService/GetStatus` works without a second API.
+
+Here: `connect_method` (engine errors -> ConnectError, the Connect twin of common/rpc.py's
+`rpc_method`), `route` (several Connect apps in one ASGI app, by path), and `HttpServer` (uvicorn
+in the server's own asyncio loop, started and stopped by the caller, without taking over signals).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import logging
+import re
+from collections.abc import Callable, Iterable, Mapping
+
+import uvicorn
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+
+from common.errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+CODES: dict[str, Code] = {code.name: code for code in Code}
+
+# What a server prints once its Connect port is bound (after its gRPC "listening on" line).
+CONNECT_LINE = re.compile(r"tokenfeedback: (\S+) connect on (http://\S+:\d+)")
+
+
+def announce_connect(name: str, host: str, port: int) -> None:
+    print(f"tokenfeedback: {name} connect on http://{host}:{port}", flush=True)
+
+
+def connect_error(exc: BaseException, method: str) -> ConnectError:
+    """The ConnectError a client sees for an exception raised by an engine."""
+    if isinstance(exc, ConnectError):
+        return exc
+    if isinstance(exc, ServiceError):
+        return ConnectError(CODES.get(exc.code, Code.INTERNAL), str(exc))
+    log.exception("%s failed", method)
+    return ConnectError(Code.INTERNAL, f"internal error in {method}: {type(exc).__name__}: {exc}")
+
+
+def connect_method(fn: Callable) -> Callable:
+    """Wrap a Connect service method (unary, or streaming response) with the error mapping, so no
+    bad input ever takes a server down and every error keeps its code and field-naming message."""
+    name = fn.__qualname__
+    if inspect.isasyncgenfunction(fn):
+
+        @functools.wraps(fn)
+        async def stream_wrapper(self, request, ctx):
+            try:
+                async for item in fn(self, request, ctx):
+                    yield item
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped to a status, never crashes the server
+                raise connect_error(exc, name) from exc
+
+        return stream_wrapper
+
+    @functools.wraps(fn)
+    async def unary_wrapper(self, request, ctx):
+        try:
+            return await fn(self, request, ctx)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise connect_error(exc, name) from exc
+
+    return unary_wrapper
+
+
+def route(apps: Mapping[str, Callable], fallback: Callable | None = None) -> Callable:
+    """One ASGI app from several, chosen by path prefix ("/tokenfeedback.v1.PolicyService/" etc.:
+    the generated apps' `.path` + "/"); anything else goes to `fallback`, or gets 404."""
+    table = sorted(apps.items(), key=lambda item: -len(item[0]))
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":  # the servers run uvicorn with lifespan off
+            return
+        for prefix, target in table:
+            if scope["path"].startswith(prefix):
+                return await target(scope, receive, send)
+        if fallback is not None:
+            return await fallback(scope, receive, send)
+        await send({"type": "http.response.start", "status": 404, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"not found\n"})
+
+    return app
+
+
+def service_routes(apps: Iterable) -> dict[str, Callable]:
+    """{"/package.Service/": app} for generated Connect ASGI applications."""
+    return {app.path + "/": app for app in apps}
+
+
+class _Server(uvicorn.Server):
+    def capture_signals(self):  # the host process owns SIGTERM/SIGINT (common/rpc.py)
+        return contextlib.nullcontext()
+
+
+class HttpServer:
+    """uvicorn serving an ASGI app inside the caller's event loop.
+
+    `port` is the bound port (0 asks for a free one). Stop with `await server.stop(grace)`: open
+    streams get `grace` seconds to finish, then are cancelled.
+    """
+
+    def __init__(self, app: Callable, host: str = "127.0.0.1", port: int = 0, grace: float = 5.0):
+        config = uvicorn.Config(app, host=host, port=port, lifespan="off", log_level="warning",
+                                access_log=False, timeout_graceful_shutdown=grace, server_header=False)
+        self._server = _Server(config)
+        self._task: asyncio.Task | None = None
+        self.host = host
+        self.port = port
+
+    async def start(self) -> int:
+        self._task = asyncio.create_task(self._server.serve())
+        while not self._server.started:
+            if self._task.done():  # bind failed: uvicorn logged why and exited
+                with contextlib.suppress(SystemExit):
+                    await self._task
+                raise OSError(f"could not serve HTTP on {self.host}:{self.port}")
+            await asyncio.sleep(0.01)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self._task is None:
+            return
+        if grace is not None:
+            self._server.config.timeout_graceful_shutdown = grace
+        self._server.should_exit = True
+        try:
+            await self._task
+        except SystemExit:  # uvicorn exits this way when it could not start
+            pass
+        self._task = None
