@@ -72,12 +72,13 @@ class Publisher:
     """Keeps every policy server at the newest published snapshot. Runs on the event loop."""
 
     def __init__(self, addresses: tuple[str, ...], chunk_bytes: int, timeout: float, retry: float,
-                 poll: float = 10.0):
+                 poll: float | None = None):
         self.states = {a: PolicyState(a) for a in addresses}
         self.chunk_bytes = chunk_bytes
         self.timeout = timeout
         self.retry = retry
-        self.poll = poll  # seconds between version checks of a server that is up to date
+        # seconds between version checks of a server that is up to date (finds restarted servers)
+        self.poll = 5 * retry if poll is None else poll
         self._latest: Snapshot | None = None
         self._wake = {a: asyncio.Event() for a in addresses}
         self._attempted: dict[str, int] = {a: -1 for a in addresses}  # newest version tried per server

@@ -4,9 +4,10 @@ as one process on the same batches, driven over gRPC like any trainer."""
 from __future__ import annotations
 
 import pytest
-import tokenfeedback.v1.trainer_pb2 as pb
 import torch
 from safetensors.torch import load_file
+
+import tokenfeedback.v1.trainer_pb2 as pb
 
 from .helpers import status, train, trainer_stub
 
