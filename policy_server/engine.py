@@ -74,7 +74,9 @@ class EngineConfig:
     max_batch: int = 16  # sequences decoded together in one forward
     max_queue: int = 256  # requests waiting for a slot before RESOURCE_EXHAUSTED
     max_new_tokens_limit: int = 512  # largest SamplingParams.max_new_tokens accepted
-    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    # torch intra-op threads. 1 suits small models and shared machines (OpenMP threads that wait
+    # for a busy core stall every op; the gRPC loop needs a core too); 0 keeps torch's default.
+    threads: int = 1
 
 
 # ---- a generation stream, as a transport sees it --------------------------------------------
@@ -114,11 +116,14 @@ class GenerationStream:
             self._engine._wake()
 
     def _push(self, item) -> None:
-        """From the scheduler thread."""
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            self.cancelled = True
+        """From the scheduler thread: queued in the engine's outbox, delivered at the step's end."""
+        self._engine._outbox.append((self, item))
+
+
+def _deliver(items: list[tuple[GenerationStream, object]]) -> None:
+    """On the event loop: one call per step for all of its streams' events."""
+    for stream, item in items:
+        stream._queue.put_nowait(item)
 
 
 @dataclass
@@ -165,6 +170,7 @@ class Engine:
         self._jobs: deque[tuple[Callable[[], object], concurrent.futures.Future]] = deque()
         self._closing = False
         self._accepting = True
+        self._outbox: list[tuple[GenerationStream, object]] = []  # events of this step, scheduler thread only
         # owned by the scheduler thread:
         self._batches: dict[int, Batch] = {}  # model version -> its running sequences
         self._retired: dict[int, dict[str, torch.Tensor]] = {}  # old version -> its changed tensors
@@ -427,15 +433,33 @@ class Engine:
         return await asyncio.wrap_future(future)
 
     def _run(self) -> None:
+        if self.config.threads:  # OpenMP thread counts are per calling thread: set it where the model runs
+            torch.set_num_threads(self.config.threads)
         try:
             with torch.inference_mode():
                 while self._step():
-                    pass
+                    self._flush()
         except BaseException:  # noqa: BLE001 - logged; streams get the error instead of hanging
             log.exception("scheduler thread died")
             raise
         finally:
             self._fail_all(Unavailable("the server is shutting down"))
+            self._flush()
+
+    def _flush(self) -> None:
+        """Hand this step's events to their event loops: one wake-up per loop, not per event."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for stream, item in self._outbox:
+            by_loop.setdefault(stream._loop, []).append((stream, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                for stream, _ in items:
+                    stream.cancelled = True
 
     def _step(self) -> bool:
         with self._cond:
@@ -462,6 +486,7 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
                 log.exception("prefill failed")
                 sequence.stream._push(exc)
+        self._flush()  # first tokens out before the batch's decoding step
         for version, batch in list(self._batches.items()):
             if len(batch):
                 try:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+
 import tokenfeedback.v1.common_pb2 as common_pb2
 import tokenfeedback.v1.policy_pb2 as policy_pb2
 import tokenfeedback.v1.policy_pb2_grpc as policy_pb2_grpc
-
 from common.errors import InvalidArgument, Unavailable
 from common.rpc import rpc_method
 from common.spans import Piece, Span

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import grpc
 import pytest
-import tokenfeedback.v1.policy_pb2 as pb
-import tokenfeedback.v1.policy_pb2_grpc as pb_grpc
 import torch
 
+import tokenfeedback.v1.policy_pb2 as pb
+import tokenfeedback.v1.policy_pb2_grpc as pb_grpc
 from common.weights import iter_chunks, summarize
 
 

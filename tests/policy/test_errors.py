@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import grpc
 import pytest
+
 import tokenfeedback.v1.common_pb2 as common_pb
 import tokenfeedback.v1.policy_pb2 as pb
-
 from tests.policy.conftest import generate, rpc_error, tokens_of
 
 P = pb.SamplingParams

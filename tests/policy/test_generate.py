@@ -6,11 +6,11 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import tokenfeedback.v1.common_pb2 as common_pb
-import tokenfeedback.v1.policy_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+import tokenfeedback.v1.common_pb2 as common_pb
+import tokenfeedback.v1.policy_pb2 as pb
 from tests.policy.conftest import generate, tokens_of
 
 PROMPTS = ["Paris is the", "Ottawa is the capital of", "😀 Ünïcödé ß"]

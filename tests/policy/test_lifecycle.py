@@ -9,10 +9,10 @@ import time
 
 import grpc
 import pytest
-import tokenfeedback.v1.policy_pb2 as pb
-import tokenfeedback.v1.policy_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import tokenfeedback.v1.policy_pb2 as pb
+import tokenfeedback.v1.policy_pb2_grpc as pb_grpc
 from common.process import start_server
 from tests.conftest import ROOT
 from tests.policy.conftest import generate, tokens_of

@@ -8,10 +8,10 @@ import time
 
 import grpc
 import pytest
-import tokenfeedback.v1.policy_pb2 as pb
 import torch
 from transformers import AutoModelForCausalLM
 
+import tokenfeedback.v1.policy_pb2 as pb
 from common.weights import iter_chunks
 from tests.policy.conftest import generate, rpc_error, tokens_of, update_messages
 
