@@ -42,7 +42,9 @@ class PolicyServerConfig:
     max_batch: int = 16  # sequences decoded together in one forward
     max_queue: int = 256  # requests waiting for a slot before RESOURCE_EXHAUSTED
     max_new_tokens_limit: int = 512  # largest SamplingParams.max_new_tokens accepted
-    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    # torch intra-op threads. 1 suits small models and shared machines (OpenMP threads that wait
+    # for a busy core stall every op; the gRPC loop needs a core too); 0 keeps torch's default.
+    threads: int = 1
     grace_s: float = 10.0  # on SIGTERM, how long running streams may go on before they are cancelled
     # Largest gRPC message either way: above the 4 MiB update chunks plus framing, far below memory.
     max_message_bytes: int = 16 * 1024 * 1024
@@ -60,15 +62,15 @@ def parse_args(argv: list[str] | None = None) -> PolicyServerConfig:
     p.add_argument("--model", default=d.model, help="local model folder or Hugging Face hub id (default %(default)s)")
     p.add_argument("--host", default=d.host, help="bind address (default %(default)s)")
     p.add_argument("--port", type=int, default=d.port, help="port; 0 picks a free one (default %(default)s)")
-    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N (default %(default)s)")
-    p.add_argument("--dtype", default=d.dtype, choices=DTYPE_CHOICES, help="parameter dtype (default %(default)s)")
     p.add_argument("--http-port", type=int, default=d.http_port,
                    help="also serve PolicyService over Connect (the labeling page, curl) on this port; 0: a free one")
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N (default %(default)s)")
+    p.add_argument("--dtype", default=d.dtype, choices=DTYPE_CHOICES, help="parameter dtype (default %(default)s)")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="streams decoded together (default %(default)s)")
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests (default %(default)s)")
     p.add_argument("--max-new-tokens-limit", type=int, default=d.max_new_tokens_limit,
                    help="largest max_new_tokens accepted (default %(default)s)")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch threads, 0 = torch default")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch intra-op threads, 0 = torch default (default %(default)s)")
     p.add_argument("--grace", type=float, default=d.grace_s, help="seconds running streams get on SIGTERM")
     p.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes, help="gRPC message size limit")
     a = p.parse_args(argv)
@@ -108,11 +110,11 @@ async def serve(config: PolicyServerConfig) -> int:
     install_signal_handlers(stop)
     server, port, service, health = await create_server(config)
     announce("policy", config.host, port)
-    engine = None
-    try:
     http = None
     if config.http_port is not None:
         http = await start_connect(lambda: service.engine, config.host, config.http_port)
+    engine = None
+    try:
         loading = asyncio.ensure_future(load_into(config, service, health))
         await asyncio.wait([loading, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
         if not loading.done():  # stopped while loading: the load thread cannot be interrupted
@@ -128,10 +130,10 @@ async def serve(config: PolicyServerConfig) -> int:
         await server.stop(0)
         return 1
     finally:
-        if engine is not None:
-            await engine.close()
         if http is not None:
             await http.stop(config.grace_s)
+        if engine is not None:
+            await engine.close()
     log.info("stopped")
     return 0
 
