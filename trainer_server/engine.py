@@ -385,7 +385,9 @@ class TrainerEngine:
                     self.replay_cursor = item.seq
                     factor = stale_factor(item.annotation.model_version, self.version, c.staleness_limit,
                                           c.stale_policy, c.stale_decay)
-                    if factor is not None:
+                    if factor is None:
+                        skipped += 1
+                    else:
                         chosen.append((item, factor))
                         taken.add(item.seq)
                 if len(chosen) >= size:
