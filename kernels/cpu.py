@@ -78,6 +78,15 @@ def _max_and_logsum(x: Tensor, buf: Tensor) -> tuple[Tensor, Tensor]:
     return m, logsum
 
 
+def _row_dot(x: Tensor, y: Tensor, block: int = 8192) -> Tensor:
+    """sum_j x_ij y_ij per row, in column blocks: sums as accurate as .sum() (BLAS dot products
+    accumulate sequentially, 1e-4 relative error at V = 32k in fp32) with a [C, block] temporary."""
+    out = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    for start in range(0, x.shape[1], block):
+        out += (x[:, start : start + block] * y[:, start : start + block]).sum(1)
+    return out
+
+
 def chunk_loss_and_grad(z: Tensor, r: Tensor, rows: Rows, work: Tensor) -> tuple[Tensor, Tensor]:
     """Row losses (Rc,) and KL (C,) of one chunk; dL/dz is left in work (C, V).
 
@@ -109,7 +118,7 @@ def chunk_loss_and_grad(z: Tensor, r: Tensor, rows: Rows, work: Tensor) -> tuple
         contrib.scatter_(1, y[second, None], 0.0)
     d = logp.sub_(r).add_((m_r + logsum_r)[:, None])  # (C, V) log p - log q, in place
     d.masked_fill_(p == 0, 0.0)  # masked logits (both -inf) and underflow contribute nothing
-    kl = torch.bmm(p[:, None, :], d[:, :, None])[:, 0, 0]  # (C,) sum_j p_j d_j
+    kl = _row_dot(p, d)  # (C,)
 
     # target entries: p_y (A - a of the rows aiming at y) + KL part + their exact values
     a_sum = torch.zeros(c_pos, dtype=z.dtype, device=z.device).index_add_(0, t, a)  # (C,)

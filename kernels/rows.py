@@ -34,7 +34,7 @@ class Rows:
     order: Tensor  # (R,) int64: sorted row i is the caller's row order[i]
     offsets: Tensor  # (N + 1,) int64: rows of position t are offsets[t]:offsets[t + 1]
     offsets_cpu: list[int]  # the same offsets as Python ints (chunk slicing without device syncs)
-    kl_weight: Tensor  # (N,) fp32: beta / T where kl_mask, else 0
+    kl_weight: Tensor  # (N,) like weight: beta / T where kl_mask, else 0
     inv_rows: float  # 1 / R, 0 when R = 0
     variant: str  # one of VARIANTS
     clip_eps: float  # pg_clip: ratio clipped to [1 - eps, 1 + eps]
@@ -112,8 +112,8 @@ def check_args(
             raise ValueError(f"targets: must be in [0, {vocab}), got values in [{lo}, {hi}]")
         if not bool(torch.isfinite(weights).all()):
             raise ValueError("weights: must be finite")
-        if behavior_logprobs is not None and bool((behavior_logprobs > 0).any()):
-            raise ValueError("behavior_logprobs: must be <= 0 (log-probabilities) or NaN")
+        if behavior_logprobs is not None and bool(torch.isinf(behavior_logprobs).any()):
+            raise ValueError("behavior_logprobs: must be finite (a log-probability) or NaN (unknown)")
     if kl_mask is not None:
         if kl_mask.dtype != torch.bool or tuple(kl_mask.shape) != (n,):
             raise ValueError(f"kl_mask: must be a bool tensor of shape [N] = [{n}], got {kl_mask.dtype} {list(kl_mask.shape)}")
@@ -146,7 +146,7 @@ def prepare_rows(
         kl_mask = torch.ones(n, dtype=torch.bool, device=device)
     num_kl = int(kl_mask.sum())
     dtype = torch.float64 if weights.dtype == torch.float64 else torch.float32
-    kl_weight = kl_mask.float() * (float(beta) / num_kl if num_kl > 0 else 0.0)  # (N,)
+    kl_weight = kl_mask.to(dtype) * (float(beta) / num_kl if num_kl > 0 else 0.0)  # (N,)
     return Rows(
         index=index,
         target=targets.long()[order],
