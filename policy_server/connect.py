@@ -15,17 +15,17 @@ from collections.abc import Callable
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
-import tokenfeedback.v1.policy_pb2 as policy_pb2
 from common.connect import HttpServer, announce_connect, connect_method, route, service_routes
 from common.spans import Span
 from policy_server.engine import Engine
 from policy_server.service import (
+    align_pb,
     event_pb,
     generate_request,
     model_info_pb,
-    piece_pb,
     score_pb,
     score_request,
+    tokenize_pb,
 )
 from tokenfeedback.v1.policy_connect import PolicyServiceASGIApplication
 
@@ -52,19 +52,12 @@ class PolicyConnect:
 
     @connect_method
     async def tokenize(self, request, ctx):
-        result = self._engine().tokenize(request.text, tuple(request.token_ids), request.add_special_tokens)
-        return policy_pb2.TokenizeResponse(tokens=[piece_pb(p) for p in result.tokens], text=result.text)
+        return tokenize_pb(self._engine().tokenize(request.text, tuple(request.token_ids), request.add_special_tokens))
 
     @connect_method
     async def align_spans(self, request, ctx):
         spans = [Span(s.start, s.end, s.text) for s in request.spans]
-        result = self._engine().align_spans(request.text, tuple(request.token_ids), spans)
-        return policy_pb2.AlignSpansResponse(
-            spans=[policy_pb2.SpanAlignment(token_positions=a.token_positions, start=a.start, end=a.end)
-                   for a in result.spans],
-            tokens=[piece_pb(p) for p in result.tokens],
-            text=result.text,
-        )
+        return align_pb(self._engine().align_spans(request.text, tuple(request.token_ids), spans))
 
     @connect_method
     async def get_model_info(self, request, ctx):

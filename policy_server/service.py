@@ -113,6 +113,19 @@ def score_pb(result: api.ScoreResult) -> policy_pb2.ScoreResponse:
     )
 
 
+def tokenize_pb(result: api.TokenizeResult) -> policy_pb2.TokenizeResponse:
+    return policy_pb2.TokenizeResponse(tokens=[piece_pb(p) for p in result.tokens], text=result.text)
+
+
+def align_pb(result: api.AlignResult) -> policy_pb2.AlignSpansResponse:
+    return policy_pb2.AlignSpansResponse(
+        spans=[policy_pb2.SpanAlignment(token_positions=a.token_positions, start=a.start, end=a.end)
+               for a in result.spans],
+        tokens=[piece_pb(p) for p in result.tokens],
+        text=result.text,
+    )
+
+
 def model_info_pb(info: api.ModelInfo) -> policy_pb2.ModelInfo:
     return policy_pb2.ModelInfo(
         model_name=info.model_name, vocab_size=info.vocab_size,
@@ -157,19 +170,12 @@ class PolicyService(policy_pb2_grpc.PolicyServiceServicer):
 
     @rpc_method
     async def Tokenize(self, request, context):
-        result = self.engine.tokenize(request.text, tuple(request.token_ids), request.add_special_tokens)
-        return policy_pb2.TokenizeResponse(tokens=[piece_pb(p) for p in result.tokens], text=result.text)
+        return tokenize_pb(self.engine.tokenize(request.text, tuple(request.token_ids), request.add_special_tokens))
 
     @rpc_method
     async def AlignSpans(self, request, context):
         spans = [Span(s.start, s.end, s.text) for s in request.spans]
-        result = self.engine.align_spans(request.text, tuple(request.token_ids), spans)
-        return policy_pb2.AlignSpansResponse(
-            spans=[policy_pb2.SpanAlignment(token_positions=a.token_positions, start=a.start, end=a.end)
-                   for a in result.spans],
-            tokens=[piece_pb(p) for p in result.tokens],
-            text=result.text,
-        )
+        return align_pb(self.engine.align_spans(request.text, tuple(request.token_ids), spans))
 
     @rpc_method
     async def GetModelInfo(self, request, context):
