@@ -124,19 +124,24 @@ def browser():
 
 
 @pytest.fixture
-def page(browser, request, start_trainer, start_label):
-    """A page in a fresh context (empty localStorage); page errors fail the test; a screenshot of
-    the last state is saved under test-artifacts/web/ (before the servers stop: set up after
-    the server fixtures, so torn down before them)."""
+def page(browser):
+    """A page in a fresh context (empty localStorage); errors thrown in the page fail the test."""
     context = browser.new_context(viewport={"width": 1180, "height": 820})
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.set_default_timeout(30_000)
     yield page
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    try:
-        page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
-    finally:
-        context.close()
+    context.close()
     assert not errors, f"errors in the page: {errors}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """Right after a test body, passed or failed, and before any fixture stops a server: a
+    screenshot of the page under test-artifacts/web/<test>.png."""
+    yield
+    page = item.funcargs.get("page")
+    if page is not None and not page.is_closed():
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / f"{item.name}.png"), full_page=True)

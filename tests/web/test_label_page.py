@@ -322,3 +322,32 @@ def test_spans_over_emoji_and_cjk_and_a_typed_replacement(page, policy, start_tr
     expected |= {(p, tokens[p]["tokenId"], False): 1.0 for p in good}
     stored = trainer_stub(trainer).GetAnnotation(trainer_pb2.GetAnnotationRequest(annotation_id=submitted_id(page)))
     assert rows_of(stored) == expected
+
+
+def test_narrow_window(page, start_trainer, start_label):
+    """On a phone-sized window the side panel goes under the work, chips wrap, nothing scrolls
+    sideways, and labelling still works."""
+    trainer = start_trainer()
+    _, url = start_label(connect_url(trainer))
+    page.set_viewport_size({"width": 390, "height": 844})
+    open_page(page, url)
+    page.click("#sampling summary")
+    page.fill("#max-tokens", "60")
+    page.fill("#seed", "3")
+    page.fill("#prompt", "Tokyo is the capital of")
+    page.click("#generate")
+    w = wait_done(page)
+    page.click("#tok-0")
+    page.click("#mark-bad")
+    layout = page.evaluate("""() => {
+      const box = (sel) => document.querySelector(sel).getBoundingClientRect();
+      const chips = [...document.querySelectorAll('#tokens .tok')].map((c) => c.getBoundingClientRect());
+      return {scroll: document.documentElement.scrollWidth, width: innerWidth, work: box('#work'), side: box('#side'),
+              tokens: box('#tokens'), lines: new Set(chips.map((c) => Math.round(c.top))).size};
+    }""")
+    assert layout["scroll"] <= layout["width"]
+    assert layout["side"]["top"] >= layout["work"]["bottom"] - 1
+    assert layout["tokens"]["right"] <= layout["width"]
+    assert len(w["tokens"]) < 20 or layout["lines"] > 1
+    page.click("#submit")
+    page.wait_for_selector("#results li[data-status=accepted]")

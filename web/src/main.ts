@@ -648,7 +648,9 @@ function dl(rows: [string, string][]): void {
   );
 }
 
-const num = (x: number, digits = 4): string => (Number.isFinite(x) ? x.toFixed(digits) : String(x));
+/** Fixed digits; a value that rounds to zero shows as 0 (no "-0.0000" from rounding noise). */
+const num = (x: number, digits = 4): string =>
+  Number.isFinite(x) ? (Math.abs(x) < 0.5 * 10 ** -digits ? 0 : x).toFixed(digits) : String(x);
 
 function renderStatus(st: PromiseSettledResult<TrainerStatus>, mi: PromiseSettledResult<ModelInfo>): void {
   if (mi.status === "fulfilled") {

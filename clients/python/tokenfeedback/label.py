@@ -76,6 +76,12 @@ class Upstream:
         return cls(name, parts.hostname, parts.port)
 
 
+async def _respond(send, status: int, body: bytes, content_type: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", content_type), (b"cache-control", b"no-store")]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def _connect_error(content_type: bytes, message: str) -> tuple[int, bytes, bytes]:
     """A Connect `unavailable` error in the framing the client asked for: a unary call gets a JSON
     body with an HTTP error status; a streaming call (application/connect+*) gets an end-of-stream
@@ -198,12 +204,6 @@ def label_app(config: LabelConfig, policy: Upstream, trainer: Upstream):
     return app
 
 
-async def _respond(send, status: int, body: bytes, content_type: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", content_type), (b"cache-control", b"no-store")]})
-    await send({"type": "http.response.body", "body": body})
-
-
 def start_servers(config: LabelConfig, say) -> tuple[list, str, str]:
     """Policy and trainer servers on the demo defaults, each with a Connect port. Returns the
     server processes (to stop) and their Connect URLs."""
@@ -249,8 +249,8 @@ async def serve(config: LabelConfig, policy_url: str, trainer_url: str, say) -> 
     port = await server.start()
     stop = asyncio.Event()
     install_signal_handlers(stop)
-    announce("label", config.host, port)
     say(f"labeling page: http://{config.host}:{port}/  (policy {policy_url}, trainer {trainer_url}; Ctrl-C stops)")
+    announce("label", config.host, port)  # last: common.process takes this line as "ready"
     try:
         await stop.wait()
     finally:
