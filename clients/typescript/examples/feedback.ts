@@ -4,19 +4,21 @@
 //
 //   node dist/examples/feedback.js [POLICY_ADDR] [TRAINER_ADDR] [PROMPT]
 //
-// Addresses default to $TOKENFEEDBACK_POLICY_ADDR / $TOKENFEEDBACK_TRAINER_ADDR. With auth and TLS
-// on, set $TOKENFEEDBACK_TOKEN (an admin token: Train needs one) and $TOKENFEEDBACK_CA (roots PEM).
+// Addresses default to $TOKENFEEDBACK_POLICY_ADDR / $TOKENFEEDBACK_TRAINER_ADDR, then
+// $TOKENFEEDBACK_POLICY / $TOKENFEEDBACK_TRAINER (what `tokenfeedback serve` prints), then
+// 127.0.0.1:50051 / 127.0.0.1:50052 (where it binds). With auth and TLS on, set
+// $TOKENFEEDBACK_TOKEN (an admin token: Train needs one) and $TOKENFEEDBACK_CA (roots PEM file).
 
 import { randomUUID } from "node:crypto";
 import { PolicyClient, TokenfeedbackError, TrainerClient, type ClientOptions } from "../src/index.js";
 
 async function main(): Promise<void> {
-  const [policyAddr = process.env.TOKENFEEDBACK_POLICY_ADDR, trainerAddr = process.env.TOKENFEEDBACK_TRAINER_ADDR] =
-    process.argv.slice(2);
-  const prompt = process.argv[4] ?? "The capital of Canada is";
-  if (!policyAddr || !trainerAddr) {
-    throw new Error("usage: feedback.js POLICY_ADDR TRAINER_ADDR [PROMPT] (or set TOKENFEEDBACK_*_ADDR)");
-  }
+  const env = process.env;
+  const [
+    policyAddr = env.TOKENFEEDBACK_POLICY_ADDR || env.TOKENFEEDBACK_POLICY || "127.0.0.1:50051",
+    trainerAddr = env.TOKENFEEDBACK_TRAINER_ADDR || env.TOKENFEEDBACK_TRAINER || "127.0.0.1:50052",
+    prompt = "The capital of Canada is",
+  ] = process.argv.slice(2);
   const options: ClientOptions = {
     token: process.env.TOKENFEEDBACK_TOKEN || undefined,
     rootCertificates: process.env.TOKENFEEDBACK_CA || undefined,

@@ -4,8 +4,10 @@
 //
 //	example [-policy HOST:PORT] [-trainer HOST:PORT] [-prompt TEXT]
 //
-// Addresses default to $TOKENFEEDBACK_POLICY_ADDR / $TOKENFEEDBACK_TRAINER_ADDR. With auth and TLS
-// on, set $TOKENFEEDBACK_TOKEN (an admin token: Train needs one) and $TOKENFEEDBACK_CA (roots PEM file).
+// Addresses default to $TOKENFEEDBACK_POLICY_ADDR / $TOKENFEEDBACK_TRAINER_ADDR, then
+// $TOKENFEEDBACK_POLICY / $TOKENFEEDBACK_TRAINER (what `tokenfeedback serve` prints), then
+// 127.0.0.1:50051 / 127.0.0.1:50052 (where it binds). With auth and TLS on, set
+// $TOKENFEEDBACK_TOKEN (an admin token: Train needs one) and $TOKENFEEDBACK_CA (roots PEM file).
 package main
 
 import (
@@ -24,14 +26,10 @@ import (
 )
 
 func main() {
-	policyAddr := flag.String("policy", os.Getenv("TOKENFEEDBACK_POLICY_ADDR"), "policy server HOST:PORT")
-	trainerAddr := flag.String("trainer", os.Getenv("TOKENFEEDBACK_TRAINER_ADDR"), "trainer HOST:PORT")
+	policyAddr := flag.String("policy", firstSet("TOKENFEEDBACK_POLICY_ADDR", "TOKENFEEDBACK_POLICY", "127.0.0.1:50051"), "policy server HOST:PORT")
+	trainerAddr := flag.String("trainer", firstSet("TOKENFEEDBACK_TRAINER_ADDR", "TOKENFEEDBACK_TRAINER", "127.0.0.1:50052"), "trainer HOST:PORT")
 	prompt := flag.String("prompt", "The capital of Canada is", "prompt text")
 	flag.Parse()
-	if *policyAddr == "" || *trainerAddr == "" {
-		fmt.Fprintln(os.Stderr, "example: give -policy and -trainer (or set TOKENFEEDBACK_POLICY_ADDR / TOKENFEEDBACK_TRAINER_ADDR)")
-		os.Exit(2)
-	}
 	if err := run(*policyAddr, *trainerAddr, *prompt); err != nil {
 		fmt.Fprintln(os.Stderr, "error:", err)
 		os.Exit(1)
@@ -126,6 +124,16 @@ func run(policyAddr, trainerAddr, prompt string) error {
 				progress.Step, progress.TotalSteps, progress.Loss, progress.TokenLoss, progress.Kl, progress.Rows)
 		}
 	}
+}
+
+// firstSet is the first of the environment variables that is set, else fallback.
+func firstSet(first, second, fallback string) string {
+	for _, name := range []string{first, second} {
+		if value := os.Getenv(name); value != "" {
+			return value
+		}
+	}
+	return fallback
 }
 
 func randomHex(n int) string {
