@@ -103,12 +103,12 @@ def token_loss(
 def default_chunk_size(n: int, vocab: int, hidden: int, device: torch.device, itemsize: int) -> int:
     """Positions per chunk of the fused-linear path.
 
-    On CUDA, a [C, V] logits chunk of about 256 MiB: large enough that the grad_W GEMM (whose K
-    dimension is C) is compute-bound, small next to all [N, V] logits. On CPU, the CPU path's
-    working-set size.
+    On CUDA, 1024 positions (fewer when a [C, V] chunk would pass 256 MiB, at least 64): the
+    grad_W GEMM has K = C, and each chunk reads and writes all of grad_W in fp32, so chunks much
+    smaller than 1024 make the head's gradient memory-bound. On CPU, the CPU path's working set.
     """
     if device.type == "cuda":
-        c = max(64, (256 * 2**20) // (vocab * itemsize))
+        c = max(64, min(1024, (256 * 2**20) // (vocab * itemsize)))
         return min(n, 1 << (c.bit_length() - 1))
     return cpu.default_chunk_size(n, vocab)
 

@@ -102,20 +102,23 @@ def chunk_loss_and_grad(z: Tensor, r: Tensor, rows: Rows, work: Tensor) -> tuple
     # rows: log p_y, and log(1 - p_y) as lse(others) - lse(all) where p_y >= 1/2
     logp_y = (z[t, y] - m_z[t]) - logsum_z[t]  # (Rc,)
     log1mp = torch.log1p(-logp_y.exp())
+    m_o = torch.zeros_like(logp_y)  # (Rc,) max and log-sum of z without y, where p_y >= 1/2
+    logsum_o = torch.zeros_like(logp_y)
     high = (logp_y >= -LN2).nonzero()[:, 0]
     if high.numel():
         others = z[t[high]].scatter_(1, y[high, None], float("-inf"))  # (Rh, V)
-        m_o, logsum_o = _max_and_logsum(others, torch.empty_like(others))
-        log1mp[high] = (m_o - m_z[t[high]]) + (logsum_o - logsum_z[t[high]])
+        m_o[high], logsum_o[high] = _max_and_logsum(others, torch.empty_like(others))
+        log1mp[high] = (m_o[high] - m_z[t[high]]) + (logsum_o[high] - logsum_z[t[high]])
         del others
     row_loss, a, exact, c = row_terms(logp_y, log1mp, rows)
+    second = (c != 0).nonzero()[:, 0]
+    if second.numel():  # c exp(z - lse(others)), target entry excluded; from z, before work overwrites it
+        ts = t[second]
+        contrib = torch.exp((z[ts] - m_o[second, None]) - logsum_o[second, None]).mul_(c[second, None])  # (Rs, V)
+        contrib.scatter_(1, y[second, None], 0.0)
 
     logp = torch.sub(z, m_z[:, None], out=work).sub_(logsum_z[:, None])  # (C, V); z is dead from here when work is z
     torch.exp(logp, out=p)
-    second = (c != 0).nonzero()[:, 0]
-    if second.numel():  # c exp(z - lse(others)) = c exp(log p - log(1 - p_y)), target entry excluded
-        contrib = torch.exp(logp[t[second]] - log1mp[second, None]).mul_(c[second, None])  # (Rs, V)
-        contrib.scatter_(1, y[second, None], 0.0)
     d = logp.sub_(r).add_((m_r + logsum_r)[:, None])  # (C, V) log p - log q, in place
     d.masked_fill_(p == 0, 0.0)  # masked logits (both -inf) and underflow contribute nothing
     kl = _row_dot(p, d)  # (C,)
