@@ -58,20 +58,29 @@ def policy(tiny_model_dir, start_policy_server) -> ServerProcess:
     return start_policy_server(tiny_model_dir, "--http-port", "0")
 
 
+def launch_trainer(model_dir: Path, policy: ServerProcess, data: Path, port: int = 0, http_port: int = 0):
+    return start_server("trainer_server", [
+        "--model", str(model_dir), "--data", str(data), "--host", "127.0.0.1", "--port", str(port),
+        "--http-port", str(http_port), "--policy", policy.address, "--batch-size", "4",
+    ], name="trainer", cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def trainer(tiny_model_dir, policy, tmp_path_factory) -> ServerProcess:
+    """One trainer per test module, for the tests that do not stop it."""
+    with launch_trainer(tiny_model_dir, policy, tmp_path_factory.mktemp("trainer")) as server:
+        yield server
+
+
 @pytest.fixture
 def start_trainer(tiny_model_dir, policy, tmp_path):
     """Factory: start_trainer(port=0, http_port=0) -> ServerProcess on one data folder per test, so
     a restarted trainer finds the store it had. Stopped at the end of the test."""
     started: list[ServerProcess] = []
-    data = tmp_path / "trainer"
 
     def start(port: int = 0, http_port: int = 0) -> ServerProcess:
-        server = start_server("trainer_server", [
-            "--model", str(tiny_model_dir), "--data", str(data), "--host", "127.0.0.1", "--port", str(port),
-            "--http-port", str(http_port), "--policy", policy.address, "--batch-size", "4",
-        ], name="trainer", cwd=ROOT)
-        started.append(server)
-        return server
+        started.append(launch_trainer(tiny_model_dir, policy, tmp_path / "trainer", port, http_port))
+        return started[-1]
 
     yield start
     for server in started:

@@ -104,8 +104,7 @@ def rows_of(stored) -> dict[tuple[int, int, bool], float]:
 # ---- the tests -----------------------------------------------------------------------------------
 
 
-def test_generate_mark_bad_choose_replacement_submit(page, start_trainer, start_label, trainer_stub):
-    trainer = start_trainer()
+def test_generate_mark_bad_choose_replacement_submit(page, trainer, start_label, trainer_stub):
     _, url = start_label(connect_url(trainer))
     load_s = open_page(page, url)
     page.click("#sampling summary")
@@ -155,7 +154,8 @@ def test_generate_mark_bad_choose_replacement_submit(page, start_trainer, start_
     annotation_id = submitted_id(page)
     assert annotation_id == w["annotationId"]
     assert outbox(page) == []
-    page.wait_for_function("document.getElementById('status').dataset.total === '1'")
+    total = trainer_stub(trainer).GetStatus(trainer_pb2.GetStatusRequest()).annotations_total
+    page.wait_for_function(f"document.getElementById('status').dataset.total === '{total}'")
 
     stored = trainer_stub(trainer).GetAnnotation(trainer_pb2.GetAnnotationRequest(annotation_id=annotation_id))
     assert list(stored.prompt_token_ids) == w["promptTokenIds"]
@@ -167,10 +167,9 @@ def test_generate_mark_bad_choose_replacement_submit(page, start_trainer, start_
         {"page_ready_s": load_s, "first_token_chip_s": first_token_s, "tokens": n}, indent=1))
 
 
-def test_keyboard_only(page, start_trainer, start_label, trainer_stub, tmp_path):
+def test_keyboard_only(page, trainer, start_label, trainer_stub, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Paris is the capital of\nBerlin is\n", encoding="utf-8")
-    trainer = start_trainer()
     _, url = start_label(connect_url(trainer), "--prompts", str(prompts))
     open_page(page, url)
 
@@ -257,12 +256,11 @@ def test_failed_submit_is_kept_and_stored_once(page, start_trainer, start_label,
     assert rows_of(stored) == {(0, w["tokens"][0]["tokenId"], False): -1.0}
 
 
-def test_spans_over_emoji_and_cjk_and_a_typed_replacement(page, policy, start_trainer, start_label, trainer_stub):
+def test_spans_over_emoji_and_cjk_and_a_typed_replacement(page, policy, trainer, start_label, trainer_stub):
     """A given completion is scored, then judged: a typed replacement for one token (tokenized in
     context by the trainer), a bad span over an emoji and a good span over CJK characters, both
     split over several byte tokens."""
     completion = " France 🎉 and 東京 is in Japan."
-    trainer = start_trainer()
     _, url = start_label(connect_url(trainer))
     open_page(page, url)
     page.fill("#prompt", "Ottawa is the capital of")
@@ -324,10 +322,9 @@ def test_spans_over_emoji_and_cjk_and_a_typed_replacement(page, policy, start_tr
     assert rows_of(stored) == expected
 
 
-def test_narrow_window(page, start_trainer, start_label):
+def test_narrow_window(page, trainer, start_label):
     """On a phone-sized window the side panel goes under the work, chips wrap, nothing scrolls
     sideways, and labelling still works."""
-    trainer = start_trainer()
     _, url = start_label(connect_url(trainer))
     page.set_viewport_size({"width": 390, "height": 844})
     open_page(page, url)
