@@ -192,7 +192,7 @@ class Engine:
             batch = Batch(self.version, self.device)
             for prompt in ([0, 1, 2], [3]):
                 ids = torch.tensor([prompt], device=self.device) % self.vocab_size  # (1, L)
-                out = self._forward(ids, None, None, DynamicCache(config=self.model.config), self.version)
+                out = self._forward(ids, torch.ones_like(ids), None, DynamicCache(config=self.model.config), self.version)
                 batch.add(object(), output_cache(out), len(prompt))
             inputs = batch.step_inputs([4, 5])
             out = self._forward(inputs.input_ids, inputs.attention_mask, inputs.position_ids, batch.cache, self.version)
@@ -309,7 +309,7 @@ class Engine:
     def _score(self, prompt_ids: list[int], completion: list[int], request: ScoreRequest) -> ScoreResult:
         """On the scheduler thread: one forward over prompt + completion (teacher forcing)."""
         ids = torch.tensor([prompt_ids + completion], device=self.device)  # (1, P + C)
-        out = self._forward(ids, None, None, None, self.version, use_cache=False)
+        out = self._forward(ids, torch.ones_like(ids), None, None, self.version, use_cache=False)
         start = len(prompt_ids) - 1  # logits at position i predict token i + 1
         logits = out.logits[0, start : start + len(completion)].float()  # (C, V)
         logprobs = torch.log_softmax(logits, dim=-1)  # (C, V)
@@ -537,7 +537,7 @@ class Engine:
             sequence.version,
         ))
         ids = torch.tensor([sequence.prompt_ids], device=self.device)  # (1, P)
-        out = self._forward(ids, None, None, DynamicCache(config=self.model.config), sequence.version)
+        out = self._forward(ids, torch.ones_like(ids), None, DynamicCache(config=self.model.config), sequence.version)
         [sample] = sample_rows(out.logits[:, -1, :], [sequence.sampler])  # logits (1, V)
         if self._emit(sequence, sample):
             return
