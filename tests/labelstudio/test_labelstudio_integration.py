@@ -151,8 +151,8 @@ def test_label_studio_end_to_end(label_studio, stack):
     canada = scored.tokens[0]
     assert canada.text == " Canada" and canada.char_start == 0
     france = policy.tokenize(" France.").tokens[0].token_id
-    assert sorted((r.position, r.token_id, r.weight, r.replacement) for r in stored.rows) == [
-        (0, canada.token_id, -1.0, False), (0, france, 1.0, True)]
+    assert sorted((r.position, r.token_id, r.weight, r.replacement) for r in stored.rows) == sorted([
+        (0, canada.token_id, -1.0, False), (0, france, 1.0, True)])
     assert list(stored.completion_token_ids) == [t.token_id for t in scored.tokens]
     assert list(stored.prompt_token_ids) == list(scored.prompt_token_ids)
     webhook = backend_ms(backend, r"webhook ANNOTATION_CREATED: .*\"elapsed_ms\": ([\d.]+)")
