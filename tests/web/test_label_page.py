@@ -256,6 +256,37 @@ def test_failed_submit_is_kept_and_stored_once(page, start_trainer, start_label,
     assert rows_of(stored) == {(0, w["tokens"][0]["tokenId"], False): -1.0}
 
 
+def test_rejected_annotation_shows_reason_and_can_be_fixed(page, trainer, start_label, trainer_stub):
+    _, url = start_label(connect_url(trainer))
+    open_page(page, url)
+    page.fill("#prompt", "Paris is the capital of")
+    page.click("#generate")
+    w = wait_done(page)
+    # A span past the end of the text (as a stale page or a hand-edited store could hold): the
+    # trainer rejects it, with a reason naming the field.
+    w["spans"] = [{"start": 0, "end": 10_000, "weight": -1, "text": ""}]
+    page.evaluate("w => localStorage.setItem('tokenfeedback.work', JSON.stringify(w))", w)
+    page.reload()
+    page.wait_for_selector("body[data-ready=true]")
+    page.click("#submit")
+    page.wait_for_selector("#results li[data-status=rejected]")
+    reason = page.inner_text("#results li[data-status=rejected]")
+    assert "span_labels[0]" in reason, reason
+    assert [(e["id"], e["state"]) for e in outbox(page)] == [(w["annotationId"], "rejected")]
+    assert work(page).get("submitted") is None
+
+    # Fix it with the keyboard (clear the span, mark the first token bad) and submit again.
+    page.focus("#tokens")
+    page.keyboard.press("Home")
+    page.keyboard.press("x")
+    page.keyboard.press("b")
+    page.keyboard.press("s")
+    page.wait_for_selector("#results li[data-status=accepted]")
+    assert outbox(page) == []
+    stored = trainer_stub(trainer).GetAnnotation(trainer_pb2.GetAnnotationRequest(annotation_id=w["annotationId"]))
+    assert rows_of(stored) == {(0, w["tokens"][0]["tokenId"], False): -1.0}
+
+
 def test_spans_over_emoji_and_cjk_and_a_typed_replacement(page, policy, trainer, start_label, trainer_stub):
     """A given completion is scored, then judged: a typed replacement for one token (tokenized in
     context by the trainer), a bad span over an emoji and a good span over CJK characters, both

@@ -306,8 +306,8 @@ function mark(sign: -1 | 0 | 1): void {
     const pos = t.tok.position;
     const old = work.labels[pos];
     if (sign === 0) {
-      delete work.labels[pos];
-      work.spans = work.spans.filter((s) => !overlapping([s], t.tok.charStart, t.tok.charEnd).length);
+      delete work.labels[pos]; // and every span the token belongs to
+      work.spans = work.spans.filter((s) => !tokensInSpan(work!.tokens, s.start, s.end).includes(pos));
     } else if (sign < 0) {
       work.labels[pos] = { ...old, weight };
     } else {
