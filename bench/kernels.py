@@ -1,0 +1,448 @@
+"""Kernel benchmarks: forward + backward time and peak memory of the loss, against plain PyTorch
+measured in the same run.
+
+Two paths, each at several sizes (unlikelihood variant, beta = 0.1, about one annotation row per
+four positions plus a replacement row for half of them, KL over every position):
+- fused-linear: hidden [N, H] and lm_head [V, H] (policy and reference) -> loss, gradients of
+  hidden and lm_head. The project's path on CPU is `kernels.fused_linear_token_loss(backend="cpu")`,
+  on CUDA the Triton back end.
+- logits: logits [N, V] and reference logits -> loss, gradient of the logits.
+
+Baseline: plain PyTorch in eager mode (materialized fp32 logits, log_softmax of both heads,
+gather, elementwise KL, autograd), and the same function under torch.compile where it compiles.
+On a GPU also Liger Kernel and cut-cross-entropy when installed, on their nearest equivalents
+(fused linear cross entropy, Liger's fused linear JSD against a teacher head): they compute less
+than our loss (no full-vocabulary KL, or no weighted rows), so their figures bound ours from below.
+
+How it is measured:
+- time: wall time of forward + backward (CUDA: synchronized), median of repeats after a warm-up
+  run (the warm-up also compiles torch.compile).
+- peak memory, CPU: every case runs in a fresh subprocess. The process's peak resident set
+  (VmHWM in /proc/self/status) is reset by writing 5 to /proc/self/clear_refs just before the
+  measured forward + backward, and the figure is VmHWM minus the resident set just before (inputs
+  already allocated; the gradients returned count, like every temporary). glibc keeps freed
+  small blocks and would hide them, so these subprocesses run with MALLOC_MMAP_THRESHOLD_=65536:
+  every block of 64 KiB or more is its own mapping, returned to the system when freed, so the
+  resident set follows live memory. Timing runs in another subprocess with the default malloc.
+- peak memory, CUDA: torch.cuda.max_memory_allocated above the allocation before the run.
+- on CUDA also the share of the device's measured peak: logits path, bytes moved by the kernel
+  (read logits and reference twice, write the gradient: 5 N V bytes-per-element) per second
+  against a measured device-to-device copy; fused-linear path, 8 N H V FLOP per second (policy and
+  reference heads, grad hidden, grad W) against a measured bf16 matmul.
+
+Ratios are against the eager baseline of the same size: time ratio < 1 is faster, memory ratio
+< 1 is smaller.
+
+    python -m bench --only kernels [--quick]
+    python -m bench.kernels [--quick]        # also writes bench/results/kernels.json and a PNG plot
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+BETA = 0.1
+VARIANT = "unlikelihood"
+
+# (N, V, H) for fused-linear, (N, V) for logits; H is ignored for logits
+CPU_FUSED = [(1024, 50257, 768), (2048, 50257, 768), (4096, 50257, 768)]
+CPU_FUSED_QUICK = [(4096, 50257, 768)]
+CPU_LOGITS = [(1024, 50257), (4096, 50257)]
+CPU_LOGITS_QUICK = [(1024, 50257)]
+GPU_FUSED = [(n, v, h) for h in (768, 2048) for v in (32000, 50257, 128256) for n in (1024, 4096, 8192)]
+GPU_FUSED_QUICK = [(n, 128256, 2048) for n in (1024, 4096)]
+GPU_LOGITS = [(n, v) for v in (32000, 50257, 128256) for n in (1024, 4096, 8192)]
+GPU_LOGITS_QUICK = [(n, 128256) for n in (1024, 4096)]
+
+
+# ---- inputs and implementations ----------------------------------------------------------------
+
+
+def make_inputs(path: str, n: int, v: int, h: int, dtype: torch.dtype, device: str, seed: int = 0) -> dict:
+    """Random inputs of one case; the policy tensors require grad."""
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+
+    rows = torch.arange(0, n, 4, device=device)  # (R0,) one annotated token every 4 positions
+    index = torch.cat([rows, rows[::2]])  # (R,) plus a replacement row for every other one
+    targets = torch.randint(0, v, index.shape, generator=g, device=device)
+    weights = torch.where(torch.arange(index.numel(), device=device) % 3 == 0, -1.0, 1.0)
+    weights[rows.numel() :] = 1.0  # replacements are good tokens
+    inputs = dict(row_index=index, targets=targets, weights=weights)
+    if path == "fused":
+        inputs.update(
+            hidden=randn(n, h).requires_grad_(),
+            weight=randn(v, h, scale=h**-0.5).requires_grad_(),
+            ref_hidden=randn(n, h),
+            ref_weight=randn(v, h, scale=h**-0.5),
+        )
+    else:
+        inputs.update(logits=randn(n, v, scale=2.0).requires_grad_(), ref_logits=randn(n, v, scale=2.0))
+    return inputs
+
+
+def plain_loss(logits, ref_logits, row_index, targets, weights):
+    """The loss as one would write it in PyTorch: fp32 log-softmax of both, gather, KL."""
+    logp = torch.log_softmax(logits.float(), -1)  # (N, V)
+    logq = torch.log_softmax(ref_logits.float(), -1)  # (N, V)
+    lp = logp[row_index, targets]  # (R,)
+    rows = torch.where(weights >= 0, -weights * lp, weights * torch.log1p(-lp.exp()))
+    kl = (logp.exp() * (logp - logq)).sum(-1)  # (N,)
+    return rows.mean() + BETA * kl.mean()
+
+
+def plain_fused(hidden, weight, ref_hidden, ref_weight, row_index, targets, weights):
+    logits = hidden @ weight.T  # (N, V)
+    with torch.no_grad():
+        ref_logits = ref_hidden @ ref_weight.T  # (N, V)
+    return plain_loss(logits, ref_logits, row_index, targets, weights)
+
+
+def ours_fused(backend):
+    from kernels import fused_linear_token_loss
+
+    def f(hidden, weight, ref_hidden, ref_weight, row_index, targets, weights):
+        return fused_linear_token_loss(hidden, weight, ref_hidden, ref_weight, row_index, targets, weights,
+                                       beta=BETA, variant=VARIANT, backend=backend)  # fmt: skip
+
+    return f
+
+
+def ours_logits(backend):
+    from kernels import token_loss
+
+    def f(logits, ref_logits, row_index, targets, weights):
+        return token_loss(logits, ref_logits, row_index, targets, weights, beta=BETA, variant=VARIANT, backend=backend)
+
+    return f
+
+
+def liger_fused(kind):
+    """Liger Kernel's nearest equivalents (cross entropy; JSD against the reference head)."""
+    if kind == "flce":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        ce = LigerFusedLinearCrossEntropyLoss()
+        return lambda hidden, weight, ref_hidden, ref_weight, row_index, targets, weights: ce(
+            weight, hidden, torch.randint(0, weight.shape[0], (hidden.shape[0],), device=hidden.device)
+        )
+    from liger_kernel.transformers import LigerFusedLinearJSDLoss
+
+    jsd = LigerFusedLinearJSDLoss()
+    return lambda hidden, weight, ref_hidden, ref_weight, row_index, targets, weights: jsd(
+        hidden, weight, ref_hidden, ref_weight
+    )
+
+
+def cce_fused(hidden, weight, ref_hidden, ref_weight, row_index, targets, weights):
+    """cut-cross-entropy's linear_cross_entropy (cross entropy only, every position a label)."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    labels = torch.randint(0, weight.shape[0], (hidden.shape[0],), device=hidden.device)
+    return linear_cross_entropy(hidden, weight, labels)
+
+
+def implementation(name: str, path: str):
+    plain = plain_fused if path == "fused" else plain_loss
+    if name == "plain":
+        return plain
+    if name == "compiled":
+        return torch.compile(plain, dynamic=False)
+    if name in ("cpu", "triton"):
+        return ours_fused(name) if path == "fused" else ours_logits(name)
+    if name in ("liger_flce", "liger_jsd"):
+        return liger_fused(name.removeprefix("liger_"))
+    if name == "cce":
+        return cce_fused
+    raise ValueError(f"implementation: unknown {name!r}")
+
+
+# ---- measuring one case --------------------------------------------------------------------------
+
+
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _step(fn, inputs: dict) -> None:
+    """One forward + backward, then drop the gradients (they are counted, then freed)."""
+    loss = fn(**inputs)
+    loss.backward()
+    for t in inputs.values():
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            t.grad = None
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(spec: dict) -> dict:
+    """Time or peak memory of one case in this process; spec: path, impl, n, v, h, dtype, device,
+    what ('time' | 'memory' | 'both'), repeats."""
+    device, dtype = spec["device"], getattr(torch, spec["dtype"])
+    inputs = make_inputs(spec["path"], spec["n"], spec["v"], spec["h"], dtype, device)
+    fn = implementation(spec["impl"], spec["path"])
+    out = {}
+    warm = spec["what"] != "memory" or spec["impl"] == "compiled" or device == "cuda"
+    if warm:
+        _step(fn, inputs)  # warm-up: compiles, loads kernels
+    gc.collect()
+    if spec["what"] in ("memory", "both"):
+        _sync(device)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            _step(fn, inputs)
+            _sync(device)
+            out["peak_bytes"] = torch.cuda.max_memory_allocated() - before
+        else:
+            before = _proc_status_bytes("VmRSS")
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current resident set
+            _step(fn, inputs)
+            out["peak_bytes"] = _proc_status_bytes("VmHWM") - before
+    if spec["what"] in ("time", "both"):
+        times = []
+        for _ in range(spec["repeats"]):
+            _sync(device)
+            start = time.perf_counter()
+            _step(fn, inputs)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        out["seconds"] = statistics.median(times)
+        out["seconds_all"] = times
+    return out
+
+
+def measure_in_subprocess(spec: dict, env: dict | None = None, timeout: float = 900) -> dict:
+    """measure(spec) in a fresh `python -m bench.kernels --case`; errors come back as {'error': ...}."""
+    cmd = [sys.executable, "-m", "bench.kernels", "--case", json.dumps(spec)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                              env={**os.environ, **(env or {})})  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {done.returncode}: {tail[:300]}"}
+    return json.loads(lines[-1])
+
+
+def measure_cpu_case(spec: dict) -> dict:
+    """Memory in a subprocess with every large block mmapped, time in one with the default malloc."""
+    memory = measure_in_subprocess({**spec, "what": "memory"}, env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+    timing = measure_in_subprocess({**spec, "what": "time"})
+    return {**memory, **timing, **({"error": memory.get("error") or timing.get("error")} if
+                                   "error" in memory or "error" in timing else {})}  # fmt: skip
+
+
+# ---- device peaks (GPU) ---------------------------------------------------------------------------
+
+
+def device_peaks() -> dict:
+    """Measured device-to-device copy bandwidth (bytes/s) and bf16 matmul rate (FLOP/s)."""
+    x = torch.empty(2**28, dtype=torch.float32, device="cuda")  # 1 GiB
+    y = torch.empty_like(x)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+
+    def best(f, repeats=10):
+        f()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            f()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    copy_s = best(lambda: y.copy_(x))
+    mm_s = best(lambda: a @ b)
+    return {"copy_bytes_per_s": 2 * x.numel() * 4 / copy_s, "bf16_matmul_flop_per_s": 2 * 8192**3 / mm_s}
+
+
+# ---- the whole run ---------------------------------------------------------------------------------
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def plan(quick: bool, device: str) -> list[dict]:
+    """The cases: every size with the baselines and our path."""
+    cases = []
+    if device == "cuda":
+        dtype, repeats = "bfloat16", 5
+        fused, logits = (GPU_FUSED_QUICK, GPU_LOGITS_QUICK) if quick else (GPU_FUSED, GPU_LOGITS)
+        ours = "triton"
+        extra = (["liger_flce", "liger_jsd"] if _installed("liger_kernel") else []) + (
+            ["cce"] if _installed("cut_cross_entropy") else []
+        )
+    else:
+        dtype, repeats = "float32", 1 if quick else 3
+        fused, logits = (CPU_FUSED_QUICK, CPU_LOGITS_QUICK) if quick else (CPU_FUSED, CPU_LOGITS)
+        ours, extra = "cpu", []
+    for n, v, h in fused:
+        for impl in ["plain", "compiled", ours, *extra]:
+            cases.append(dict(path="fused", impl=impl, n=n, v=v, h=h, dtype=dtype, device=device, repeats=repeats))
+    for n, v in logits:
+        for impl in ["plain", "compiled", ours]:
+            cases.append(dict(path="logits", impl=impl, n=n, v=v, h=0, dtype=dtype, device=device, repeats=repeats))
+    return cases
+
+
+def add_ratios(results: list[dict], peaks: dict | None) -> None:
+    """time_ratio and memory_ratio against the eager baseline of the same size; device shares."""
+    base = {(r["path"], r["n"], r["v"], r["h"]): r for r in results if r["impl"] == "plain"}
+    for r in results:
+        b = base.get((r["path"], r["n"], r["v"], r["h"]))
+        if b and "seconds" in r and "seconds" in b:
+            r["time_ratio"] = round(r["seconds"] / b["seconds"], 3)
+        if b and "peak_bytes" in r and b.get("peak_bytes"):
+            r["memory_ratio"] = round(r["peak_bytes"] / b["peak_bytes"], 3)
+        if peaks and "seconds" in r and r["impl"] in ("triton", "plain", "compiled"):
+            itemsize = torch.finfo(getattr(torch, r["dtype"])).bits // 8
+            if r["path"] == "logits":
+                r["bytes_per_s"] = 5 * r["n"] * r["v"] * itemsize / r["seconds"]
+                r["share_of_copy"] = round(r["bytes_per_s"] / peaks["copy_bytes_per_s"], 3)
+            else:
+                r["flop_per_s"] = 8 * r["n"] * r["h"] * r["v"] / r["seconds"]
+                r["share_of_matmul"] = round(r["flop_per_s"] / peaks["bf16_matmul_flop_per_s"], 3)
+
+
+def run(quick: bool) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    peaks = device_peaks() if device == "cuda" else None
+    results = []
+    load_before = os.getloadavg()[0]
+    for spec in plan(quick, device):
+        if device == "cuda":
+            try:
+                got = measure({**spec, "what": "both"})
+            except Exception as e:  # noqa: BLE001 - e.g. a baseline out of memory: record and go on
+                got = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            torch.cuda.empty_cache()
+        else:
+            got = measure_cpu_case(spec)
+        results.append({**spec, **got})
+        print(_row(results[-1]), flush=True)
+    add_ratios(results, peaks)
+    summary = {
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "beta": BETA,
+        "variant": VARIANT,
+        "device_peaks": peaks,
+        "cases": results,
+    }
+    print()
+    print(format_table(results))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    plot(summary, RESULTS / "kernels.png")
+    print(f"plot: {RESULTS / 'kernels.png'}")
+    target = done_when(results)
+    if target:
+        summary["done_when_cpu_fused_4096_50257_768"] = target
+        print(f"\nCPU fused-linear N=4096 V=50257 H=768: memory {target['memory_ratio']}x, time "
+              f"{target['time_ratio']}x of eager PyTorch (target: <= 0.25x memory, <= 1.2x time)")  # fmt: skip
+    return summary
+
+
+def done_when(results: list[dict]) -> dict | None:
+    for r in results:
+        if (r["path"], r["impl"], r["n"], r["v"], r["h"]) == ("fused", "cpu", 4096, 50257, 768):
+            if "time_ratio" in r and "memory_ratio" in r:
+                return {
+                    "memory_ratio": r["memory_ratio"],
+                    "time_ratio": r["time_ratio"],
+                    "met": r["memory_ratio"] <= 0.25 and r["time_ratio"] <= 1.2,
+                }
+    return None
+
+
+def _row(r: dict) -> str:
+    t = f"{r['seconds'] * 1e3:10.1f}" if "seconds" in r else f"{'-':>10}"
+    m = f"{r['peak_bytes'] / 2**20:10.0f}" if "peak_bytes" in r else f"{'-':>10}"
+    tr = f"{r['time_ratio']:6.2f}" if "time_ratio" in r else f"{'':>6}"
+    mr = f"{r['memory_ratio']:6.3f}" if "memory_ratio" in r else f"{'':>6}"
+    share = r.get("share_of_copy", r.get("share_of_matmul"))
+    extra = f"  {share:.0%} of peak" if share is not None else ""
+    err = f"  ERROR {r['error']}" if "error" in r else ""
+    return (f"{r['path']:<7}{r['impl']:<11}{r['n']:>6}{r['v']:>8}{r['h']:>6} {r['dtype']:<9}"
+            f"{t}{m}{tr}{mr}{extra}{err}")  # fmt: skip
+
+
+def format_table(results: list[dict]) -> str:
+    head = f"{'path':<7}{'impl':<11}{'N':>6}{'V':>8}{'H':>6} {'dtype':<9}{'ms':>10}{'peak MiB':>10}{'time x':>6}{'mem x':>6}"
+    return "\n".join([head, *(_row(r) for r in results)])
+
+
+def plot(summary: dict, path: Path) -> None:
+    """Time and peak memory against N, one line per implementation, per path and (V, H)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = [r for r in summary["cases"] if "seconds" in r]
+    groups = sorted({(r["path"], r["v"], r["h"]) for r in cases})
+    fig, axes = plt.subplots(len(groups), 2, figsize=(10, 3.2 * len(groups)), squeeze=False)
+    for row, (p, v, h) in enumerate(groups):
+        for impl in sorted({r["impl"] for r in cases if (r["path"], r["v"], r["h"]) == (p, v, h)}):
+            pts = sorted((r["n"], r["seconds"], r.get("peak_bytes")) for r in cases
+                         if (r["path"], r["v"], r["h"], r["impl"]) == (p, v, h, impl))  # fmt: skip
+            axes[row][0].plot([q[0] for q in pts], [q[1] * 1e3 for q in pts], marker="o", label=impl)
+            mem = [q for q in pts if q[2] is not None]
+            axes[row][1].plot([q[0] for q in mem], [q[2] / 2**20 for q in mem], marker="o", label=impl)
+        title = f"{p} V={v}" + (f" H={h}" if p == "fused" else "") + f" ({summary['device']})"
+        for col, label in enumerate(("fwd+bwd ms", "peak extra MiB")):
+            axes[row][col].set(title=title, xlabel="N (positions)", ylabel=label)
+            axes[row][col].grid(alpha=0.3)
+            axes[row][col].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the done-when size only (CPU), two sizes (GPU)")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: measure one case, print JSON
+    args = parser.parse_args(argv)
+    if args.case:
+        print(json.dumps(measure(json.loads(args.case))))
+        return 0
+    summary = run(args.quick)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "kernels.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {RESULTS / 'kernels.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
