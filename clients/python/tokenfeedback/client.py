@@ -84,6 +84,10 @@ class _Client:
             max_message_bytes=max_message_bytes,
         )
         self._health = health_pb2_grpc.HealthStub(self.connection.channel)
+        self._stub = self._make_stub(self.connection.channel)
+
+    def _make_stub(self, channel):
+        raise NotImplementedError
 
     @property
     def address(self) -> str:
@@ -247,9 +251,8 @@ class PolicyClient(_Client):
 
     service = "tokenfeedback.v1.PolicyService"
 
-    def __init__(self, address: str, **options):
-        super().__init__(address, **options)
-        self._stub = policy_pb2_grpc.PolicyServiceStub(self.connection.channel)
+    def _make_stub(self, channel):
+        return policy_pb2_grpc.PolicyServiceStub(channel)
 
     def generate(
         self,
@@ -346,9 +349,8 @@ class TrainerClient(_Client):
 
     service = "tokenfeedback.v1.TrainerService"
 
-    def __init__(self, address: str, **options):
-        super().__init__(address, **options)
-        self._stub = trainer_pb2_grpc.TrainerServiceStub(self.connection.channel)
+    def _make_stub(self, channel):
+        return trainer_pb2_grpc.TrainerServiceStub(channel)
 
     def submit(
         self,
