@@ -10,8 +10,9 @@ Three measurements, each against a baseline taken in the same run:
   model (random weights, 124M parameters); baseline: the same step with the kernel's plain PyTorch
   back end (full [N, V] logits).
 - publishing: seconds per MB of weights sent with UpdateWeights to a real policy server
-  subprocess on the demo model (header, chunks, commit with SHA-256, swap); baseline: building
-  the same chunks and checksum in this process without sending them.
+  subprocess (header, chunks, commit with SHA-256, swap) on the demo model, and in a full run on
+  a GPT-2-small-sized model (random weights); baseline: building the same chunks and checksum in
+  this process without sending them.
 
     python -m bench --only trainer [--quick]
     python -m bench.trainer --model PATH [--quick]
@@ -196,7 +197,7 @@ async def _publish_rounds(address: str, tensors: dict, rounds: int) -> list[tupl
         await publisher.stop()
 
 
-def bench_publish(model_dir: Path, quick: bool) -> dict:
+def _publish_one(model_dir: Path, rounds: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from common.process import start_server
@@ -204,8 +205,9 @@ def bench_publish(model_dir: Path, quick: bool) -> dict:
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).float()
     tensors = {k: v.detach().clone() for k, v in unique_tensors(model.state_dict()).items()}
-    rounds = 2 if quick else 5
-    server = start_server("policy_server", ["--model", str(model_dir), "--port", "0"], name="policy", cwd=ROOT)
+    del model
+    server = start_server("policy_server", ["--model", str(model_dir), "--port", "0"], name="policy", cwd=ROOT,
+                          timeout=600)
     try:
         timings = asyncio.run(_publish_rounds(server.address, tensors, rounds + 1))[1:]  # first: warm-up
     finally:
@@ -226,6 +228,28 @@ def bench_publish(model_dir: Path, quick: bool) -> dict:
         "serialize_only_s_per_MB": round(local / megabytes, 5),
         "publish_vs_serialize_only": round(seconds / local, 2),
     }
+
+
+def bench_publish(model_dir: Path, quick: bool) -> dict:
+    """The demo model; in a full run also a GPT-2-small-sized body (12 layers, 768 wide) with the
+    demo model's vocabulary, saved to a temporary folder so a policy server can load it."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    out = {"demo": _publish_one(model_dir, 2 if quick else 5)}
+    if not quick:
+        folder = Path(tempfile.mkdtemp(prefix="bench-gpt2-"))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            torch.manual_seed(0)
+            config = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=len(tokenizer), n_positions=1024,
+                                bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+            GPT2LMHeadModel(config).save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            out["gpt2_small_body"] = _publish_one(folder, 3)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    return out
 
 
 # ---- entry points ----------------------------------------------------------------------------

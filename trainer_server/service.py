@@ -235,6 +235,8 @@ class TrainerApp:
             except Exception:  # noqa: BLE001 - logged; the server keeps serving
                 log.exception("auto-train failed")
                 return
+            if p.step == 0:  # nothing could be applied (skipped steps): wait for new annotations
+                return
 
     async def stop(self, grace: float = 5.0) -> None:
         self._closing = True
