@@ -93,6 +93,8 @@ let mouseSpan: { start: number; end: number } | null = null;
 let suggested = new Map<number, string>();
 /** The policy's current model version (GetModelInfo); -1 until known. */
 let policyVersion = -1;
+/** Special tokens by id ("eos", ...), from GetModelInfo: drawn by name, since they add no text. */
+let special = new Map<number, string>();
 let generating: AbortController | null = null;
 let prompts: string[] = [];
 
@@ -201,6 +203,7 @@ function decorateAll(): void {
     const repl = label?.replacementText ?? tok.alternatives.find((a) => a.tokenId === label?.replacementTokenId)?.text;
     if (repl !== undefined) c.dataset.repl = shown(repl);
     else delete c.dataset.repl;
+    if (tok.text === "" && special.has(tok.tokenId)) c.dataset.special = special.get(tok.tokenId);
     c.title = tooltip(tok) + (suggested.has(tok.position) ? ` · suggested (${suggested.get(tok.position)})` : "");
   }
   if (work.tokens.length) el.tokens.setAttribute("aria-activedescendant", `tok-${cursor}`);
@@ -444,6 +447,7 @@ function begin(w: Work): void {
   anchor = null;
   mouseSpan = null;
   suggested = new Map();
+  saveWork(w);
   drawTokens();
   renderMeta();
   renderDetail();
@@ -655,6 +659,7 @@ const num = (x: number, digits = 4): string =>
 function renderStatus(st: PromiseSettledResult<TrainerStatus>, mi: PromiseSettledResult<ModelInfo>): void {
   if (mi.status === "fulfilled") {
     policyVersion = Number(mi.value.modelVersion);
+    special = new Map(mi.value.specialTokens.map((t) => [t.tokenId, t.role]));
     el.modelInfo.textContent = `${mi.value.modelName} · policy v${policyVersion} · ${mi.value.device}`;
   } else {
     el.modelInfo.textContent = `policy: ${describe(mi.reason)}`;
@@ -692,6 +697,7 @@ function poll(): Promise<void> {
     .then(([st, mi]) => {
       renderStatus(st, mi);
       renderMeta();
+      decorateAll();
     })
     .finally(() => {
       polling = null;

@@ -115,7 +115,7 @@ export function unlikeliness(logprob: number): number {
 
 export function percent(logprob: number): string {
   const p = Math.exp(logprob) * 100;
-  return p >= 10 ? `${p.toFixed(0)}%` : p >= 0.1 ? `${p.toFixed(1)}%` : `${p.toExponential(0)}%`;
+  return p >= 10 ? `${p.toFixed(0)}%` : p >= 1 ? `${p.toFixed(1)}%` : `${p.toPrecision(1)}%`;
 }
 
 /** The tooltip of a chip: logprob, probability, rank and model version. */
