@@ -524,4 +524,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Run as `python -m tokenfeedback.cli`, this module is __main__: let the extensions register
+    # their commands into this copy rather than importing a second one.
+    sys.modules.setdefault("tokenfeedback.cli", sys.modules[__name__])
     sys.exit(main())
