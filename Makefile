@@ -73,7 +73,11 @@ demo: model
 	$(PY) -m demo --model $(MODEL) $(DEMO_ARGS)
 
 experiment: model
-	$(PY) -m demo.experiment --model $(MODEL) $(DEMO_ARGS)
+	$(PY) -m demo.experiment --model $(MODEL) $(if $(QUICK),--quick) $(DEMO_ARGS)
+
+# the idea's claims measured (issue 10); QUICK=1: one seed, small budget, a pipeline check
+claims: model
+	$(PY) -m demo.claims --model $(MODEL) $(if $(QUICK),--quick) $(DEMO_ARGS)
 
 # ---- clients for other systems (TypeScript/Node, Go), generated from proto/ -------------------
 TS := clients/typescript

@@ -90,8 +90,12 @@ def run_arm(cfg: ArmConfig, log=print) -> dict:
                 if cfg.online or r == 1:
                     count = cfg.budget if cfg.online else cfg.budget * cfg.rounds
                     _annotate_round(policy, trainer, annotator, held, rng, r, count, cfg, used)
-                train = _train_round(trainer, cfg, r)
-                _wait_for_version(policy, train["published_version"])
+                if used["labelled"] == 0:  # nothing to learn from yet (the annotator skipped all)
+                    log(f"[{cfg.name}] round {r}: no labelled sequences yet, nothing to train")
+                    train = {}
+                else:
+                    train = _train_round(trainer, cfg, r)
+                    _wait_for_version(policy, train["published_version"])
                 record["rounds"].append(_round(r, used, measure(policy, held, truth, eos_id, cfg.measure), train))
                 log(_summary(record["rounds"][-1], cfg.name))
     record["seconds"] = round(time.perf_counter() - t0, 1)

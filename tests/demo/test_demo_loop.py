@@ -1,0 +1,67 @@
+"""A short version of `make demo` (one round, few samples) end to end, against real servers on the
+demo model: the pipeline (sample over the stream -> annotate -> submit -> train -> publish ->
+measure -> JSON and plot) must run, not the conclusions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_MODEL = ROOT / "data" / "demo-model"
+
+
+@pytest.fixture(scope="module")
+def demo_model() -> Path:
+    if not (DEMO_MODEL / "build.json").is_file():
+        pytest.skip(f"{DEMO_MODEL} is not built (make model; make test builds it first)")
+    return DEMO_MODEL
+
+
+@pytest.mark.slow
+def test_one_round_of_the_demo_loop(demo_model, tmp_path):
+    out = tmp_path / "results"
+    run = subprocess.run(
+        [sys.executable, "-m", "demo", "--model", str(demo_model), "--rounds", "1", "--budget", "24",
+         "--steps", "2", "--samples", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, f"demo failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    record = json.loads((out / "demo.json").read_text())
+    assert (out / "demo.png").stat().st_size > 1000
+    first, last = record["rounds"]
+    assert first["round"] == 0 and first["model_version"] == 0 and first["annotated_sequences"] == 0
+    assert last["annotated_sequences"] == 24
+    assert 0 < last["labelled_sequences"] <= 24
+    assert last["token_rows"] >= last["labelled_sequences"]  # a labelled sequence gives at least one row
+    assert last["model_version"] == 1, "the trained weights were not published to the policy server"
+    for row in record["rounds"]:
+        assert 0 <= row["error_rate"] <= 1 and 0 <= row["distinct2"] <= 1
+        assert 1 < row["heldout_perplexity"] < 1000
+    assert last["train_kl"] >= 0 and last["train_loss"] == last["train_loss"]  # finite, not NaN
+    assert "error rate" in run.stdout and "targets:" in run.stdout
+
+
+@pytest.mark.slow
+def test_claims_quick_runs_every_comparison(demo_model, tmp_path):
+    """`make claims QUICK=1`: every comparison's arms run, and the tables, plots and JSON appear."""
+    run = subprocess.run(
+        [sys.executable, "-m", "demo.claims", "--model", str(demo_model), "--quick", "--no-readme",
+         "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert run.returncode == 0, f"claims failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    record = json.loads((tmp_path / "claims.json").read_text())
+    names = {rec["arm"] for rec in record["records"]}
+    for arms in record["comparisons"].values():
+        assert set(arms) <= names
+    assert len(record["comparisons"]) == 4
+    for png in ["credit-assignment.png", "KL-penalty.png", "online-vs-offline.png", "loss-variants.png",
+                "degeneration.png"]:
+        assert (tmp_path / png).stat().st_size > 1000, png
+    for title in record["comparisons"]:
+        assert f"#### {title}" in run.stdout
