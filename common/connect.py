@@ -35,11 +35,11 @@ log = logging.getLogger(__name__)
 CODES: dict[str, Code] = {code.name: code for code in Code}
 
 # What a server prints once its Connect port is bound (after its gRPC "listening on" line).
-CONNECT_LINE = re.compile(r"tokenfeedback: (\S+) connect on (http://\S+:\d+)")
+CONNECT_LINE = re.compile(r"tokenfeedback: (\S+) connect on (https?://\S+:\d+)")
 
 
-def announce_connect(name: str, host: str, port: int) -> None:
-    print(f"tokenfeedback: {name} connect on http://{host}:{port}", flush=True)
+def announce_connect(name: str, host: str, port: int, tls: bool = False) -> None:
+    print(f"tokenfeedback: {name} connect on {'https' if tls else 'http'}://{host}:{port}", flush=True)
 
 
 def connect_error(exc: BaseException, method: str) -> ConnectError:
@@ -114,13 +114,16 @@ class _Server(uvicorn.Server):
 class HttpServer:
     """uvicorn serving an ASGI app inside the caller's event loop.
 
-    `port` is the bound port (0 asks for a free one). Stop with `await server.stop(grace)`: open
-    streams get `grace` seconds to finish, then are cancelled.
+    `port` is the bound port (0 asks for a free one); `ssl` serves HTTPS. Stop with
+    `await server.stop(grace)`: open streams get `grace` seconds to finish, then are cancelled.
     """
 
-    def __init__(self, app: Callable, host: str = "127.0.0.1", port: int = 0, grace: float = 5.0):
+    def __init__(self, app: Callable, host: str = "127.0.0.1", port: int = 0, grace: float = 5.0,
+                 ssl: dict | None = None):
+        # ssl: uvicorn's ssl_* keyword arguments (common.tls.uvicorn_ssl), None or {} for plain HTTP
         config = uvicorn.Config(app, host=host, port=port, lifespan="off", log_level="warning",
-                                access_log=False, timeout_graceful_shutdown=grace, server_header=False)
+                                access_log=False, timeout_graceful_shutdown=grace, server_header=False,
+                                **(ssl or {}))
         self._server = _Server(config)
         self._task: asyncio.Task | None = None
         self.host = host

@@ -75,8 +75,10 @@ def start_server(
     env: dict[str, str] | None = None,
     cwd: str | Path | None = None,
     wait_healthy: bool = True,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> ServerProcess:
-    """Run `python -m module args...`, wait for its listening line and (optionally) SERVING health."""
+    """Run `python -m module args...`, wait for its listening line and (optionally) SERVING health
+    (over TLS with `credentials` when the server has --tls-cert; health needs no token)."""
     cmd = [sys.executable, "-u", "-m", module, *args]
     proc = subprocess.Popen(
         cmd,
@@ -106,17 +108,19 @@ def start_server(
             raise RuntimeError(f"{' '.join(cmd)} did not start (exit {proc.returncode}):\n{server.log_tail()}")
     if wait_healthy:
         try:
-            wait_serving(server.address, deadline - time.monotonic(), proc)
+            wait_serving(server.address, deadline - time.monotonic(), proc, credentials)
         except Exception:
             server.kill()
             raise RuntimeError(f"{server.name} never became healthy:\n{server.log_tail()}") from None
     return server
 
 
-def wait_serving(address: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+def wait_serving(address: str, timeout: float, proc: subprocess.Popen | None = None,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
     """Poll the standard health service until it says SERVING."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             if proc is not None and proc.poll() is not None:

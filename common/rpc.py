@@ -74,6 +74,10 @@ class ServerOptions:
     port: int = 0  # 0 picks a free port (tests); the chosen port is returned by create_grpc_server
     max_message_bytes: int = 64 * 1024 * 1024  # largest request/response message, both directions
     max_concurrent_rpcs: int | None = None  # None: no cap at the transport (engines enforce theirs)
+    # Ping a client that has calls open after this many idle seconds; no answer within
+    # keepalive_timeout_s ends its calls (a vanished peer frees its stream slots, common/guard.py).
+    keepalive_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
 
 
 async def create_grpc_server(
@@ -92,6 +96,8 @@ async def create_grpc_server(
             ("grpc.max_receive_message_length", options.max_message_bytes),
             ("grpc.max_send_message_length", options.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_time_ms", int(options.keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(options.keepalive_timeout_s * 1000)),
         ],
     )
     for add in register:

@@ -174,12 +174,14 @@ class WeightAccumulator:
         reference: Mapping[str, torch.Tensor],
         current_version: int,
         canonical: Mapping[str, str] | None = None,
+        max_total_bytes: int | None = None,
     ):
         # reference: name -> tensor with the expected dtype and shape (meta tensors will do when
         # `canonical`, the alias map of the real state dict (see `aliases`), is given).
         self._reference = reference
         self._canonical = dict(canonical) if canonical is not None else aliases(reference)
         self._current_version = current_version
+        self._max_total_bytes = max_total_bytes  # the receiver's --max-update-bytes; None: no limit
         self._target_version: int | None = None
         self._tensor_count = 0
         self._total_bytes = 0
@@ -212,6 +214,9 @@ class WeightAccumulator:
                                   "header.tensor_count")
         if total_bytes < 0:
             raise InvalidArgument(f"must be >= 0, got {total_bytes}", "header.total_bytes")
+        if self._max_total_bytes is not None and total_bytes > self._max_total_bytes:
+            raise InvalidArgument(f"{total_bytes} bytes; the server's limit is {self._max_total_bytes} "
+                                  "(--max-update-bytes)", "header.total_bytes")
         self._target_version = target_version
         self._tensor_count = tensor_count
         self._total_bytes = total_bytes

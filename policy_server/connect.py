@@ -16,7 +16,9 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
 from common.connect import HttpServer, announce_connect, connect_method, route, service_routes
+from common.guard import ConnectGuard
 from common.spans import Span
+from common.tls import TlsFiles, uvicorn_ssl
 from policy_server.engine import Engine
 from policy_server.service import (
     align_pb,
@@ -67,10 +69,15 @@ class PolicyConnect:
         raise ConnectError(Code.UNIMPLEMENTED, "UpdateWeights is served over gRPC only")
 
 
-async def start_connect(engine: Callable[[], Engine], host: str, port: int) -> HttpServer:
-    """Serve PolicyService over Connect on host:port (0: a free port) and announce it."""
-    app = route(service_routes([PolicyServiceASGIApplication(PolicyConnect(engine))]))
-    server = HttpServer(app, host, port)
+async def start_connect(engine: Callable[[], Engine], host: str, port: int, tls: TlsFiles = TlsFiles(),
+                        guard: ConnectGuard | None = None, max_message_bytes: int | None = None) -> HttpServer:
+    """Serve PolicyService over Connect on host:port (0: a free port) and announce it. `guard`
+    checks tokens and stream slots like the gRPC port's (common/guard.py); `tls` as on gRPC."""
+    application = PolicyServiceASGIApplication(
+        PolicyConnect(engine), interceptors=[guard] if guard is not None else (),
+        **({"read_max_bytes": max_message_bytes} if max_message_bytes else {}))
+    app = route(service_routes([application]))
+    server = HttpServer(app, host, port, ssl=uvicorn_ssl(tls))
     bound = await server.start()
-    announce_connect("policy", host, bound)
+    announce_connect("policy", host, bound, tls=tls.enabled)
     return server

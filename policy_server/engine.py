@@ -77,6 +77,12 @@ class EngineConfig:
     # torch intra-op threads. 1 suits small models and shared machines (OpenMP threads that wait
     # for a busy core stall every op; the gRPC loop needs a core too); 0 keeps torch's default.
     threads: int = 1
+    # Deliberate limits (issue 7): requests past them are refused with INVALID_ARGUMENT naming the
+    # field, before any tokenizing or model work.
+    max_prompt_tokens: int = 4096  # longest prompt (Generate, Score); the model's length caps it too
+    max_text_chars: int = 65536  # longest text field (prompts, completions, Tokenize, AlignSpans)
+    # largest UpdateWeights (header.total_bytes); 0: the model's size (each tensor at most once, at its size)
+    max_update_bytes: int = 0
 
 
 # ---- a generation stream, as a transport sees it --------------------------------------------
@@ -257,20 +263,36 @@ class Engine:
             raise InvalidArgument(f"give exactly one of {text_field} and {ids_field}, not both", text_field)
         if not text and not ids:
             raise InvalidArgument(f"empty prompt: give {text_field} or {ids_field}", text_field)
+        limit = self.config.max_prompt_tokens
         if text:
+            self._check_text(text, text_field)
             ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
             if not ids:
                 raise InvalidArgument("tokenizes to no tokens", text_field)
             used = text_field
         else:
-            self._check_ids(ids, ids_field)
             used = ids_field
+        if len(ids) > limit:
+            raise InvalidArgument(f"{len(ids)} tokens; the server's limit is {limit} (--max-prompt-tokens)", used)
+        if used == ids_field:
+            self._check_ids(ids, ids_field)
         if len(ids) >= self.max_length:
             raise InvalidArgument(
                 f"{len(ids)} tokens; the model's maximum length is {self.max_length} (prompt + at least one new token)",
                 used,
             )
         return [int(i) for i in ids]
+
+    def _check_text(self, text: str, field: str) -> None:
+        """Texts are tokenized on the caller's time; a huge one would stall everybody else."""
+        if len(text) > self.config.max_text_chars:
+            raise InvalidArgument(f"{len(text)} characters; the server's limit is {self.config.max_text_chars} "
+                                  "(--max-text-chars)", field)
+
+    def _check_length(self, count: int, field: str) -> None:
+        """Token id lists and span lists longer than the model's length cannot describe a sequence."""
+        if count > self.max_length:
+            raise InvalidArgument(f"{count} entries; at most the model's length {self.max_length}", field)
 
     def _check_ids(self, ids: Sequence[int], field: str) -> None:
         for index, token in enumerate(ids):
@@ -284,6 +306,7 @@ class Engine:
         if request.completion_text and request.completion_token_ids:
             raise InvalidArgument("give exactly one of completion_text and completion_token_ids", "completion_text")
         if request.completion_text:
+            self._check_text(request.completion_text, "completion_text")
             completion = self.tokenizer(request.completion_text, add_special_tokens=False)["input_ids"]
             if not completion:
                 raise InvalidArgument("tokenizes to no tokens", "completion_text")
@@ -342,6 +365,8 @@ class Engine:
     def tokenize(self, text: str = "", token_ids: Sequence[int] = (), add_special_tokens: bool = False) -> TokenizeResult:
         if text and token_ids:
             raise InvalidArgument("give exactly one of text and token_ids", "text")
+        self._check_text(text, "text")
+        self._check_length(len(token_ids), "token_ids")
         if token_ids:
             self._check_ids(token_ids, "token_ids")
             decoded, pieces = pieces_from_ids(self.tokenizer, [int(i) for i in token_ids])
@@ -350,6 +375,9 @@ class Engine:
         return TokenizeResult(tuple(pieces), text)
 
     def align_spans(self, text: str, token_ids: Sequence[int], spans: Sequence[Span]) -> AlignResult:
+        self._check_text(text, "text")
+        self._check_length(len(token_ids), "token_ids")
+        self._check_length(len(spans), "spans")
         if token_ids:
             self._check_ids(token_ids, "token_ids")
             decoded, pieces = pieces_from_ids(self.tokenizer, [int(i) for i in token_ids])
@@ -378,7 +406,8 @@ class Engine:
 
     def begin_update(self) -> WeightAccumulator:
         """An accumulator for one update (header, chunks, commit), checked against the model."""
-        return WeightAccumulator(self._specs, self.version, self._canonical)
+        return WeightAccumulator(self._specs, self.version, self._canonical,
+                                 max_total_bytes=self.config.max_update_bytes or None)
 
     async def commit_update(self, update: WeightAccumulator, sha256: str) -> UpdateResult:
         """Check totals and checksum, then swap at the next step boundary. Nothing changes unless

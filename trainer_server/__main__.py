@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    config = config_from_args(argv, rank=rank, world_size=world_size)
+    config = config_from_args(argv, rank=rank, world_size=world_size, environ=os.environ)
     if world_size > 1 and config.device in ("auto", "cuda") and resolve_device(config.device).type == "cuda":
         config = TrainerConfig(**{**vars(config), "device": f"cuda:{local_rank}"})
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,

@@ -8,8 +8,21 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from common.auth import (
+    ENV_POLICY,
+    AuthTokens,
+    Secret,
+    add_auth_arguments,
+    check_token,
+    loggable,
+    read_token_file,
+    tokens_from_args,
+)
+from common.tls import TlsFiles, add_tls_arguments, tls_from_args
 
 VARIANTS = ("likelihood", "unlikelihood", "pg_clip")
 STALE_POLICIES = ("downweight", "skip")
@@ -65,6 +78,16 @@ class TrainerConfig:
     chunk_bytes: int = 4 * 1024 * 1024  # UpdateWeights chunk size (the proto's limit is 4 MiB)
     rank: int = 0  # torch.distributed rank (torchrun); rank 0 serves gRPC and owns the store
     world_size: int = 1  # number of data-parallel processes
+    # ---- security and limits (issue 7; common/auth.py, common/tls.py, common/guard.py) ----
+    max_message_bytes: int = 64 * 1024 * 1024  # largest gRPC / Connect message either way
+    max_streams: int = 4  # Train streams open at once (gRPC + Connect); one more: RESOURCE_EXHAUSTED
+    tls: TlsFiles = TlsFiles()  # --tls-cert/--tls-key[/--tls-client-ca]; none: plaintext
+    auth: AuthTokens = AuthTokens()  # token digests per role, from files / environment; none: auth off
+    policy_token: Secret | None = None  # admin token sent to the policy servers (UpdateWeights needs one)
+    policy_tls: bool = False  # publish over TLS (implied by policy_tls_ca / policy_tls_cert)
+    policy_tls_ca: Path | None = None  # roots the policy servers' certificates chain to; None: the system's
+    policy_tls_cert: Path | None = None  # client certificate for policy servers with --tls-client-ca
+    policy_tls_key: Path | None = None  # its key
 
     def __post_init__(self) -> None:
         checks = [
@@ -92,6 +115,10 @@ class TrainerConfig:
             (self.dtype in ("auto", "float32", "bfloat16", "float16"), f"--dtype: unknown {self.dtype!r}"),
             (0 < self.chunk_bytes <= 4 * 1024 * 1024, "--chunk-bytes: must be in (0, 4 MiB]"),
             (0 <= self.rank < self.world_size, f"rank {self.rank} not in [0, world size {self.world_size})"),
+            (self.max_message_bytes >= 5 * 1024 * 1024, "--max-message-bytes: must hold a 4 MiB chunk (>= 5 MiB)"),
+            (self.max_streams >= 1, f"--max-streams: must be >= 1, got {self.max_streams}"),
+            ((self.policy_tls_cert is None) == (self.policy_tls_key is None),
+             "--policy-tls-cert and --policy-tls-key: give both or neither"),
         ]
         for ok, message in checks:
             if not ok:
@@ -102,7 +129,11 @@ class TrainerConfig:
         """The configuration as plain values, for the start-up log line."""
         values = asdict(self)
         values["data"] = str(self.data)
-        return values
+        return loggable(values)
+
+    @property
+    def publish_tls(self) -> bool:
+        return self.policy_tls or self.policy_tls_ca is not None or self.policy_tls_cert is not None
 
 
 def parse_horizon(value: str) -> int | None:
@@ -173,13 +204,46 @@ def build_parser() -> argparse.ArgumentParser:
     a("--threads", type=int, default=d.threads, help="torch threads per process, 0 = torch default")
     a("--publish-timeout", type=float, default=d.publish_timeout, help="seconds per UpdateWeights")
     a("--publish-retry", type=float, default=d.publish_retry, help="seconds between publish retries")
+    a("--max-message-bytes", type=int, default=d.max_message_bytes, help="gRPC / Connect message size limit")
+    a("--max-streams", type=int, default=d.max_streams,
+      help="Train streams open at once; more get RESOURCE_EXHAUSTED (default %(default)s)")
+    add_tls_arguments(p)
+    add_auth_arguments(p)
+    a("--policy-token-file", metavar="PATH", default=None,
+      help=f"file with the admin token sent to the policy servers (also ${ENV_POLICY})")
+    a("--policy-tls", action="store_true", help="publish to the policy servers over TLS (system roots)")
+    a("--policy-tls-ca", type=Path, default=None, metavar="PEM", help="roots of the policy servers' certificates (implies TLS)")
+    a("--policy-tls-cert", type=Path, default=None, metavar="PEM",
+      help="client certificate for policy servers that require one")
+    a("--policy-tls-key", type=Path, default=None, metavar="PEM", help="key of --policy-tls-cert")
     return p
 
 
-def config_from_args(argv: list[str] | None = None, rank: int = 0, world_size: int = 1) -> TrainerConfig:
-    """Parse argv into a TrainerConfig; argparse errors exit with status 2 and a usage line."""
+def config_from_args(argv: list[str] | None = None, rank: int = 0, world_size: int = 1,
+                     environ: Mapping[str, str] | None = None) -> TrainerConfig:
+    """Parse argv into a TrainerConfig; argparse errors exit with status 2 and a usage line.
+    Tokens also come from `environ` (__main__ passes os.environ; nothing else reads it)."""
     parser = build_parser()
-    args = vars(parser.parse_args(argv))
+    namespace = parser.parse_args(argv)
+    environ = {} if environ is None else environ
+    try:
+        security = dict(tls=tls_from_args(namespace), auth=tokens_from_args(namespace, environ))
+        security["tls"].check()
+        token_file = namespace.policy_token_file
+        if token_file:
+            tokens = read_token_file(token_file, "--policy-token-file")
+            if len(tokens) != 1:
+                raise ValueError(f"--policy-token-file: {token_file} must hold exactly one token, got {len(tokens)}")
+            security["policy_token"] = tokens[0]
+        elif environ.get(ENV_POLICY, "").strip():
+            security["policy_token"] = Secret(check_token(environ[ENV_POLICY], f"${ENV_POLICY}"))
+    except ValueError as exc:
+        parser.error(str(exc))
+    args = vars(namespace)
+    for name in ("tls_cert", "tls_key", "tls_client_ca", "annotator_token_file", "admin_token_file",
+                 "policy_token_file"):
+        args.pop(name)
+    args.update(security)
     policies = tuple(a.strip() for a in args.pop("policy").split(",") if a.strip())
     for address in policies:
         host, _, port = address.rpartition(":")

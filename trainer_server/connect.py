@@ -13,6 +13,8 @@ import asyncio
 
 import tokenfeedback.v1.trainer_pb2 as trainer_pb2
 from common.connect import HttpServer, announce_connect, connect_method, route, service_routes
+from common.guard import ConnectGuard
+from common.tls import uvicorn_ssl
 from tokenfeedback.v1.trainer_connect import TrainerServiceASGIApplication
 from trainer_server.service import (
     TrainerApp,
@@ -66,9 +68,12 @@ class TrainerConnect:
 
 
 async def start_connect(app: TrainerApp, host: str, port: int) -> HttpServer:
-    """Serve TrainerService over Connect on host:port (0: a free port) and announce it."""
-    routes = route(service_routes([TrainerServiceASGIApplication(TrainerConnect(app))]))
-    server = HttpServer(routes, host, port)
+    """Serve TrainerService over Connect on host:port (0: a free port) and announce it. Tokens,
+    stream slots (shared with the gRPC port), TLS and the message size limit as on gRPC."""
+    c = app.config
+    application = TrainerServiceASGIApplication(TrainerConnect(app), interceptors=[ConnectGuard(c.auth, app.slots)],
+                                                read_max_bytes=c.max_message_bytes)
+    server = HttpServer(route(service_routes([application])), host, port, ssl=uvicorn_ssl(c.tls))
     bound = await server.start()
-    announce_connect("trainer", host, bound)
+    announce_connect("trainer", host, bound, tls=c.tls.enabled)
     return server

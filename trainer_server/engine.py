@@ -212,6 +212,10 @@ class TrainerEngine:
 
     def withdraw(self, annotation_ids: list[str]) -> tuple[int, list[str]]:
         self._require_loaded()
+        limit = self.config.max_batch_sequences
+        if len(annotation_ids) > limit:
+            raise InvalidArgument(f"at most {limit} ids per call (--max-batch-sequences), got {len(annotation_ids)}",
+                                  "annotation_ids")
         for i, annotation_id in enumerate(annotation_ids):
             if not annotation_id:
                 raise InvalidArgument("must not be empty", f"annotation_ids[{i}]")

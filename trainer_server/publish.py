@@ -26,6 +26,7 @@ import torch
 
 import tokenfeedback.v1.policy_pb2 as policy_pb2
 import tokenfeedback.v1.policy_pb2_grpc as policy_pb2_grpc
+from common.auth import Secret
 from common.weights import UpdateSummary, dtype_name, iter_chunks, summarize_state_dict
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,12 @@ class Publisher:
     """Keeps every policy server at the newest published snapshot. Runs on the event loop."""
 
     def __init__(self, addresses: tuple[str, ...], chunk_bytes: int, timeout: float, retry: float,
-                 poll: float | None = None):
+                 poll: float | None = None, credentials: grpc.ChannelCredentials | None = None,
+                 token: Secret | None = None):
+        # credentials: TLS to the policy servers (None: plaintext); token: the admin token their
+        # UpdateWeights needs when their auth is on, sent on every call
+        self.credentials = credentials
+        self.metadata = (("authorization", f"Bearer {token.reveal()}"),) if token is not None else None
         self.states = {a: PolicyState(a) for a in addresses}
         self.chunk_bytes = chunk_bytes
         self.timeout = timeout
@@ -90,7 +96,9 @@ class Publisher:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         for address in self.states:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = (
+                grpc.aio.secure_channel(address, self.credentials, options=CHANNEL_OPTIONS) if self.credentials
+                else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS))
             self._tasks.append(asyncio.create_task(self._keep(address), name=f"publish {address}"))
 
     async def stop(self) -> None:
@@ -144,7 +152,7 @@ class Publisher:
         while True:
             wait = self.poll
             try:
-                info = await stub.GetModelInfo(policy_pb2.GetModelInfoRequest(), timeout=10)
+                info = await stub.GetModelInfo(policy_pb2.GetModelInfoRequest(), timeout=10, metadata=self.metadata)
                 state.model_version, state.dtype, state.reachable = info.model_version, info.dtype, True
                 target = self._latest
                 if target is not None and state.model_version < target.version:
@@ -187,7 +195,7 @@ class Publisher:
                     data=bytes(chunk.data)))
             yield policy_pb2.WeightUpdateMessage(commit=policy_pb2.WeightUpdateCommit(sha256=summary.sha256))
 
-        reply = await stub.UpdateWeights(messages(), timeout=self.timeout)
+        reply = await stub.UpdateWeights(messages(), timeout=self.timeout, metadata=self.metadata)
         state.model_version = reply.model_version
         self._attempted[state.address] = max(self._attempted[state.address], snapshot.version)
         state.last_publish_seconds = time.perf_counter() - start

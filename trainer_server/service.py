@@ -15,8 +15,11 @@ import grpc
 
 import tokenfeedback.v1.trainer_pb2 as trainer_pb2
 import tokenfeedback.v1.trainer_pb2_grpc as trainer_pb2_grpc
+from common.auth import log_auth_summary
+from common.guard import GrpcGuard, StreamSlots
 from common.process import announce
 from common.rpc import ServerOptions, create_grpc_server, rpc_method, set_serving
+from common.tls import channel_credentials, server_credentials
 from trainer_server.config import TrainerConfig
 from trainer_server.engine import Progress, TrainerEngine, TrainSettings
 from trainer_server.publish import Publisher, Snapshot
@@ -161,18 +164,29 @@ class TrainerApp:
         self.engine = engine
         self.server: grpc.aio.Server | None = None
         self.health = None
-        self.publisher = Publisher(config.policies, config.chunk_bytes, config.publish_timeout, config.publish_retry)
+        self.publisher = Publisher(
+            config.policies, config.chunk_bytes, config.publish_timeout, config.publish_retry,
+            credentials=channel_credentials(config.policy_tls_ca, config.policy_tls_cert, config.policy_tls_key)
+            if config.publish_tls else None,
+            token=config.policy_token)
+        # Train streams open at once, counted across the gRPC and Connect ports (common/guard.py)
+        self.slots = StreamSlots({"/tokenfeedback.v1.TrainerService/Train": config.max_streams})
         self._cancels: set[threading.Event] = set()
         self._auto_task: asyncio.Task | None = None
         self._closing = False
 
     async def start(self) -> int:
         """Bind and serve (health NOT_SERVING until `load` finishes). Returns the bound port."""
-        options = ServerOptions(host=self.config.host, port=self.config.port)
+        c = self.config
+        options = ServerOptions(host=c.host, port=c.port, max_message_bytes=c.max_message_bytes)
         self.server, port, self.health = await create_grpc_server(
             options, [lambda s: trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(self), s)],
-            [SERVICE_NAME],
+            [SERVICE_NAME], [GrpcGuard(c.auth, self.slots)], server_credentials(c.tls),
         )
+        log_auth_summary(log, c.host, c.tls.enabled, c.auth, "trainer")
+        if c.policies and not c.policy_token:
+            log.info("publishing to %s without a token (policy servers with auth on will refuse UpdateWeights)",
+                     ", ".join(c.policies))
         return port
 
     async def load(self) -> None:

@@ -24,6 +24,9 @@ from trainer_server.rows import Annotation, merge_token_rewards
 
 MAX_ID_CHARS = 200  # annotation_id / annotator_id length limit
 MAX_METADATA_BYTES = 64 * 1024  # all metadata keys + values, UTF-8
+# Texts are capped before tokenizing at max_seq_len * this many characters (issue 7: no request may
+# cost more work than the longest sequence the trainer accepts); no tokenizer packs more per token.
+MAX_CHARS_PER_TOKEN = 64
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class Validator:
         def fail(name: str, message: str) -> InvalidArgument:
             return InvalidArgument(message, f"{where}.{name}")
 
+        self._check_sizes(seq, fail)
         if not 1 <= len(seq.annotation_id) <= MAX_ID_CHARS:
             raise fail("annotation_id", f"must be 1..{MAX_ID_CHARS} characters, got {len(seq.annotation_id)}")
         if len(seq.annotator_id) > MAX_ID_CHARS:
@@ -184,6 +188,24 @@ class Validator:
         )
 
     # ---- parts ----
+
+    def _check_sizes(self, seq: SequenceInput, fail) -> None:
+        """Lists and texts no longer than a sequence of max_seq_len tokens can be, checked before
+        any tokenizing or per-label work (which would otherwise grow with whatever a client sends)."""
+        tokens, chars = self.max_seq_len, self.max_seq_len * MAX_CHARS_PER_TOKEN
+        sizes = [("prompt_token_ids", len(seq.prompt_token_ids), tokens),
+                 ("completion_token_ids", len(seq.completion_token_ids), tokens),
+                 ("behavior_logprobs", len(seq.behavior_logprobs), tokens),
+                 ("token_labels", len(seq.token_labels), tokens),
+                 ("span_labels", len(seq.span_labels), tokens),
+                 ("prompt_text", len(seq.prompt_text), chars),
+                 ("completion_text", len(seq.completion_text), chars)]
+        for k, label in enumerate(seq.span_labels):
+            sizes += [(f"span_labels[{k}].text", len(label.text), chars),
+                      (f"span_labels[{k}].replacement_text", len(label.replacement_text or ""), chars)]
+        for name, size, limit in sizes:
+            if size > limit:
+                raise fail(name, f"{size} long; at most {limit} (the trainer's --max-seq-len {self.max_seq_len})")
 
     def _check_ids(self, ids: Sequence[int], name: str, fail) -> list[int]:
         for i, token in enumerate(ids):
