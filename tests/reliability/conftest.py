@@ -1,8 +1,12 @@
 """Fixtures of the reliability suite: certificates, token files, and real servers started with them.
 
-Every server runs as a subprocess on 127.0.0.1 (port 0) and is stopped at the end of its scope.
-`fuzz_servers` (a plaintext policy server and trainer with auth on and small limits, so fuzzed
-requests stay cheap) is shared by the fuzzing and limits tests.
+Every server runs as a subprocess on 127.0.0.1 (port 0) and is stopped at the end of the session
+(starting one costs seconds, so two pairs serve most modules):
+- `secured`: a policy server with TLS, client-certificate verification, tokens and tight stream
+  and size limits, and a trainer with TLS and tokens that publishes to it (admin token + client
+  certificate); used by the auth, TLS and limits tests.
+- `fuzz_servers`: a plaintext policy server and trainer with tokens and small limits, so fuzzed
+  requests stay cheap; used by the fuzzing, trainer-limits and short load tests.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from common.connect import CONNECT_LINE
 from common.process import ServerProcess, start_server
 from common.tls import channel_credentials
 from tests.conftest import ROOT
@@ -77,6 +82,56 @@ def start_trainer(model: Path, data: Path, *args: str, credentials: grpc.Channel
         name="trainer", cwd=ROOT, timeout=180, credentials=credentials, wait_healthy=wait_healthy)
 
 
+@dataclass
+class Secured:
+    policy: ServerProcess
+    trainer: ServerProcess
+    policy_channel: grpc.Channel  # TLS with the client certificate (the policy server requires one)
+    trainer_channel: grpc.Channel  # TLS, server certificate only
+    data: Path  # the trainer's data folder
+    model: Path
+
+    def connect_url(self, server: ServerProcess) -> str:
+        for line in server.output:
+            if match := CONNECT_LINE.search(line):
+                return match.group(2)
+        raise AssertionError(f"{server.name} announced no Connect port:\n{server.log_tail()}")
+
+
+# The secured policy server's limits (test_limits.py); small enough to reach, large enough for the
+# trainer's publish and the auth tests' requests.
+SECURED_MAX_STREAMS = 2
+SECURED_POLICY_LIMITS = ["--max-streams", str(SECURED_MAX_STREAMS), "--max-updates", "1", "--max-new-tokens-limit", "1000",
+                         "--max-prompt-tokens", "16", "--max-text-chars", "200",
+                         "--max-message-bytes", str(5 * 1024 * 1024)]
+
+
+@pytest.fixture(scope="session")
+def secured(tiny_model_dir, certs, tokens, tmp_path_factory):
+    mtls = client_credentials(certs, client_cert=True)
+    policy = start_policy(tiny_model_dir, *tls_server_args(certs, client_ca=True), *tokens.server_args(),
+                          *SECURED_POLICY_LIMITS, "--http-port", "0", credentials=mtls)
+    data = tmp_path_factory.mktemp("secured-trainer")
+    try:
+        trainer = start_trainer(
+            tiny_model_dir, data, *tls_server_args(certs), *tokens.server_args(), "--http-port", "0",
+            "--policy", policy.address, "--policy-tls-ca", str(certs.ca), "--policy-tls-cert", str(certs.client_cert),
+            "--policy-tls-key", str(certs.client_key), "--policy-token-file", str(tokens.policy_file),
+            "--batch-size", "1", "--lr", "1e-2", credentials=client_credentials(certs))
+    except Exception:
+        policy.stop()
+        raise
+    secured = Secured(policy, trainer, grpc.secure_channel(policy.address, mtls),
+                      grpc.secure_channel(trainer.address, client_credentials(certs)), data, tiny_model_dir)
+    try:
+        yield secured
+    finally:
+        secured.policy_channel.close()
+        secured.trainer_channel.close()
+        trainer.stop()
+        policy.stop()
+
+
 @pytest.fixture
 def servers():
     """Collects servers a test starts; stops them all at its end (SIGTERM, then SIGKILL)."""
@@ -96,7 +151,7 @@ class FuzzServers:
 
 # The fuzz servers' small limits keep random requests cheap (and are themselves under test).
 FUZZ_POLICY_ARGS = ["--max-new-tokens-limit", "8", "--max-prompt-tokens", "64", "--max-text-chars", "512",
-                    "--max-streams", "8", "--grace", "1"]
+                    "--max-streams", "8", "--max-update-bytes", "1000", "--grace", "1"]
 FUZZ_TRAINER_ARGS = ["--max-seq-len", "64", "--max-batch-sequences", "8", "--batch-size", "2", "--lr", "1e-3",
                      "--keep-checkpoints", "1", "--sync", "normal"]
 

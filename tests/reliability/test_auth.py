@@ -17,7 +17,6 @@ import struct
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -29,8 +28,6 @@ import tokenfeedback.v1.common_pb2 as common_pb2
 import tokenfeedback.v1.policy_pb2 as ppb
 import tokenfeedback.v1.trainer_pb2 as tpb
 from common.auth import AuthTokens, Secret, exposure_warning, is_loopback, read_token_file
-from common.connect import CONNECT_LINE
-from common.process import ServerProcess
 from common.tls import channel_credentials
 from tests.policy.conftest import update_messages
 from tests.reliability.conftest import (
@@ -38,11 +35,8 @@ from tests.reliability.conftest import (
     ANNOTATOR_TOKEN,
     OTHER_ANNOTATOR_TOKEN,
     WRONG_TOKEN,
-    client_credentials,
+    Secured,
     metadata,
-    start_policy,
-    start_trainer,
-    tls_server_args,
 )
 from tokenfeedback import PolicyClient, TrainerClient
 from tokenfeedback.errors import PermissionDeniedError, UnauthenticatedError, UnavailableError
@@ -51,52 +45,15 @@ POLICY = "/tokenfeedback.v1.PolicyService/"
 TRAINER = "/tokenfeedback.v1.TrainerService/"
 
 
-@dataclass
-class Secured:
-    policy: ServerProcess
-    trainer: ServerProcess
-    policy_channel: grpc.Channel  # TLS with the client certificate (the policy server requires one)
-    trainer_channel: grpc.Channel  # TLS, server certificate only
-    data: Path
-    model: Path
-
-    def connect_url(self, server: ServerProcess) -> str:
-        for line in server.output:
-            if match := CONNECT_LINE.search(line):
-                return match.group(2)
-        raise AssertionError(f"{server.name} announced no Connect port:\n{server.log_tail()}")
-
-
 @pytest.fixture(scope="module")
-def secured(tiny_model_dir, certs, tokens, tmp_path_factory):
-    mtls = client_credentials(certs, client_cert=True)
-    policy = start_policy(tiny_model_dir, *tls_server_args(certs, client_ca=True), *tokens.server_args(),
-                          "--http-port", "0", credentials=mtls)
-    data = tmp_path_factory.mktemp("secured-trainer")
-    try:
-        trainer = start_trainer(
-            tiny_model_dir, data, *tls_server_args(certs), *tokens.server_args(), "--http-port", "0",
-            "--policy", policy.address, "--policy-tls-ca", str(certs.ca), "--policy-tls-cert", str(certs.client_cert),
-            "--policy-tls-key", str(certs.client_key), "--policy-token-file", str(tokens.policy_file),
-            "--batch-size", "1", "--lr", "1e-2", credentials=client_credentials(certs))
-    except Exception:
-        policy.stop()
-        raise
-    secured = Secured(policy, trainer, grpc.secure_channel(policy.address, mtls),
-                      grpc.secure_channel(trainer.address, client_credentials(certs)), data, tiny_model_dir)
-    # something to withdraw, read back and train on
+def secured(secured):
+    """The session's secured servers, with one stored annotation to withdraw, read back and train on."""
     reply = secured.trainer_channel.unary_unary(
         TRAINER + "SubmitAnnotations", tpb.SubmitAnnotationsRequest.SerializeToString,
         tpb.SubmitAnnotationsResponse.FromString,
     )(tpb.SubmitAnnotationsRequest(sequences=[sequence("auth-seed")]), metadata=metadata(ANNOTATOR_TOKEN), timeout=30)
     assert reply.results[0].status == tpb.SUBMIT_STATUS_ACCEPTED
-    try:
-        yield secured
-    finally:
-        secured.policy_channel.close()
-        secured.trainer_channel.close()
-        trainer.stop()
-        policy.stop()
+    return secured
 
 
 def sequence(annotation_id: str) -> tpb.AnnotatedSequence:
