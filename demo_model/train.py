@@ -32,7 +32,7 @@ class TrainConfig:
     warmup: int = 30  # warm-up steps
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     weight_decay: float = 0.01  # AdamW decay on matrices (not on biases, norms, embeddings)
-    threads: int = 2  # torch intra-op threads (this machine has 2 cores, shared)
+    threads: int = 1  # torch intra-op threads: 2 OpenMP threads on a shared 2-core box ran 17x slower
     log_every: int = 50  # print progress every this many steps
 
 
