@@ -16,7 +16,9 @@ than our loss (no full-vocabulary KL, or no weighted rows), so their figures bou
 
 How it is measured:
 - time: wall time of forward + backward (CUDA: synchronized), median of repeats after a warm-up
-  run (the warm-up also compiles torch.compile).
+  run of each (which also compiles torch.compile). All implementations of one size run in one
+  process, interleaved round by round, so that changes in machine load hit them alike; the
+  process CPU time is recorded next to the wall time.
 - peak memory, CPU: every case runs in a fresh subprocess. The process's peak resident set
   (VmHWM in /proc/self/status) is reset by writing 5 to /proc/self/clear_refs just before the
   measured forward + backward, and the figure is VmHWM minus the resident set just before (inputs
@@ -196,45 +198,65 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(spec: dict) -> dict:
-    """Time or peak memory of one case in this process; spec: path, impl, n, v, h, dtype, device,
-    what ('time' | 'memory' | 'both'), repeats."""
+def measure_memory(spec: dict) -> dict:
+    """Peak memory of one forward + backward of one implementation; spec: path, impl, n, v, h,
+    dtype, device. On CPU this wants a fresh process (see the module docstring)."""
     device, dtype = spec["device"], getattr(torch, spec["dtype"])
     inputs = make_inputs(spec["path"], spec["n"], spec["v"], spec["h"], dtype, device)
     fn = implementation(spec["impl"], spec["path"])
-    out = {}
-    warm = spec["what"] != "memory" or spec["impl"] == "compiled" or device == "cuda"
-    if warm:
-        _step(fn, inputs)  # warm-up: compiles, loads kernels
+    if spec["impl"] == "compiled" or device == "cuda":
+        _step(fn, inputs)  # warm-up: compiles, loads kernels; not part of the figure
     gc.collect()
-    if spec["what"] in ("memory", "both"):
+    _sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        _step(fn, inputs)
         _sync(device)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
+        return {"peak_bytes": torch.cuda.max_memory_allocated() - before}
+    before = _proc_status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    _step(fn, inputs)
+    return {"peak_bytes": _proc_status_bytes("VmHWM") - before}
+
+
+def measure_times(spec: dict) -> dict:
+    """Forward + backward wall time of several implementations on the same inputs, interleaved
+    (one round runs each once) so that a change in machine load hits all of them alike.
+    spec: path, n, v, h, dtype, device, impls, repeats. Returns {impl: {seconds, ...}}."""
+    device, dtype = spec["device"], getattr(torch, spec["dtype"])
+    inputs = make_inputs(spec["path"], spec["n"], spec["v"], spec["h"], dtype, device)
+    fns, out = {}, {}
+    for impl in spec["impls"]:
+        try:
+            fns[impl] = implementation(impl, spec["path"])
+            _step(fns[impl], inputs)  # warm-up
+        except Exception as e:  # noqa: BLE001 - e.g. torch.compile failing: record, time the others
+            out[impl] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+            fns.pop(impl, None)
+    walls = {impl: [] for impl in fns}
+    cpus = {impl: [] for impl in fns}
+    for _ in range(spec["repeats"]):
+        for impl, fn in fns.items():
+            gc.collect()
+            _sync(device)
+            start, start_cpu = time.perf_counter(), time.process_time()
             _step(fn, inputs)
             _sync(device)
-            out["peak_bytes"] = torch.cuda.max_memory_allocated() - before
-        else:
-            before = _proc_status_bytes("VmRSS")
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current resident set
-            _step(fn, inputs)
-            out["peak_bytes"] = _proc_status_bytes("VmHWM") - before
-    if spec["what"] in ("time", "both"):
-        times = []
-        for _ in range(spec["repeats"]):
-            _sync(device)
-            start = time.perf_counter()
-            _step(fn, inputs)
-            _sync(device)
-            times.append(time.perf_counter() - start)
-        out["seconds"] = statistics.median(times)
-        out["seconds_all"] = times
+            walls[impl].append(time.perf_counter() - start)
+            cpus[impl].append(time.process_time() - start_cpu)
+    for impl in fns:
+        out[impl] = {"seconds": statistics.median(walls[impl]), "seconds_all": walls[impl],
+                     "cpu_seconds": statistics.median(cpus[impl])}  # fmt: skip
     return out
 
 
-def measure_in_subprocess(spec: dict, env: dict | None = None, timeout: float = 900) -> dict:
+def measure(spec: dict) -> dict:
+    return measure_memory(spec) if spec["what"] == "memory" else measure_times(spec)
+
+
+def measure_in_subprocess(spec: dict, env: dict | None = None, timeout: float = 1800) -> dict:
     """measure(spec) in a fresh `python -m bench.kernels --case`; errors come back as {'error': ...}."""
     cmd = [sys.executable, "-m", "bench.kernels", "--case", json.dumps(spec)]
     try:
@@ -249,12 +271,30 @@ def measure_in_subprocess(spec: dict, env: dict | None = None, timeout: float = 
     return json.loads(lines[-1])
 
 
-def measure_cpu_case(spec: dict) -> dict:
-    """Memory in a subprocess with every large block mmapped, time in one with the default malloc."""
-    memory = measure_in_subprocess({**spec, "what": "memory"}, env={"MALLOC_MMAP_THRESHOLD_": "65536"})
-    timing = measure_in_subprocess({**spec, "what": "time"})
-    return {**memory, **timing, **({"error": memory.get("error") or timing.get("error")} if
-                                   "error" in memory or "error" in timing else {})}  # fmt: skip
+def measure_group(group: dict, impls: list[str], repeats: int) -> list[dict]:
+    """Every implementation at one size: memory one by one (fresh processes on CPU), then time
+    interleaved in one process."""
+    results = []
+    cpu = group["device"] == "cpu"
+    for impl in impls:
+        spec = {**group, "impl": impl, "what": "memory"}
+        if cpu:  # every block >= 64 KiB mmapped: freed memory leaves the resident set at once
+            got = measure_in_subprocess(spec, env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+        else:
+            try:
+                got = measure_memory(spec)
+            except Exception as e:  # noqa: BLE001 - e.g. a baseline out of memory
+                got = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            torch.cuda.empty_cache()
+        results.append({**group, "impl": impl, **got})
+    spec = {**group, "impls": impls, "repeats": repeats, "what": "time"}
+    times = measure_in_subprocess(spec) if cpu else measure_times(spec)
+    for r in results:
+        got = times.get(r["impl"], {"error": times.get("error", "not timed")})
+        if "error" in got and "error" in r:
+            got = {"error": r["error"] + "; " + got["error"]}
+        r.update(got)
+    return results
 
 
 # ---- device peaks (GPU) ---------------------------------------------------------------------------
@@ -292,9 +332,9 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def plan(quick: bool, device: str) -> list[dict]:
-    """The cases: every size with the baselines and our path."""
-    cases = []
+def plan(quick: bool, device: str) -> tuple[list[tuple[dict, list[str]]], int]:
+    """The sizes, each with the implementations to run there, and the timing repeats."""
+    groups = []
     if device == "cuda":
         dtype, repeats = "bfloat16", 5
         fused, logits = (GPU_FUSED_QUICK, GPU_LOGITS_QUICK) if quick else (GPU_FUSED, GPU_LOGITS)
@@ -303,16 +343,14 @@ def plan(quick: bool, device: str) -> list[dict]:
             ["cce"] if _installed("cut_cross_entropy") else []
         )
     else:
-        dtype, repeats = "float32", 1 if quick else 3
+        dtype, repeats = "float32", 2 if quick else 3
         fused, logits = (CPU_FUSED_QUICK, CPU_LOGITS_QUICK) if quick else (CPU_FUSED, CPU_LOGITS)
         ours, extra = "cpu", []
     for n, v, h in fused:
-        for impl in ["plain", "compiled", ours, *extra]:
-            cases.append(dict(path="fused", impl=impl, n=n, v=v, h=h, dtype=dtype, device=device, repeats=repeats))
+        groups.append((dict(path="fused", n=n, v=v, h=h, dtype=dtype, device=device), ["plain", "compiled", ours, *extra]))
     for n, v in logits:
-        for impl in ["plain", "compiled", ours]:
-            cases.append(dict(path="logits", impl=impl, n=n, v=v, h=0, dtype=dtype, device=device, repeats=repeats))
-    return cases
+        groups.append((dict(path="logits", n=n, v=v, h=0, dtype=dtype, device=device), ["plain", "compiled", ours]))
+    return groups, repeats
 
 
 def add_ratios(results: list[dict], peaks: dict | None) -> None:
@@ -339,18 +377,13 @@ def run(quick: bool) -> dict:
     peaks = device_peaks() if device == "cuda" else None
     results = []
     load_before = os.getloadavg()[0]
-    for spec in plan(quick, device):
-        if device == "cuda":
-            try:
-                got = measure({**spec, "what": "both"})
-            except Exception as e:  # noqa: BLE001 - e.g. a baseline out of memory: record and go on
-                got = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-            torch.cuda.empty_cache()
-        else:
-            got = measure_cpu_case(spec)
-        results.append({**spec, **got})
-        print(_row(results[-1]), flush=True)
-    add_ratios(results, peaks)
+    groups, repeats = plan(quick, device)
+    for group, impls in groups:
+        got = measure_group(group, impls, repeats)
+        add_ratios(got, peaks)
+        results += got
+        for r in got:
+            print(_row(r), flush=True)
     summary = {
         "device": device,
         "threads": torch.get_num_threads(),

@@ -56,13 +56,19 @@ class TokenLoss(torch.autograd.Function):
 
 
 def _accumulate_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc (fp32) += a @ b, accumulating in fp32 whatever the dtype of a and b."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    elif acc.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)  # fp32 accumulation inside cuBLAS
-    else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+    """acc (fp32) += a @ b, accumulating in fp32 whatever the dtype of a and b.
+
+    On CUDA, bf16/fp16 operands go straight into cuBLAS with an fp32 output (addmm's out_dtype,
+    torch >= 2.8); elsewhere, or if that overload is refused, the operands are upcast first
+    ([C, V] and [C, H] temporaries, the chunk's size).
+    """
+    if a.dtype != acc.dtype and acc.is_cuda:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError):
+            pass
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 class FusedLinearTokenLoss(torch.autograd.Function):
