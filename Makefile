@@ -22,6 +22,7 @@ help:
 	@echo "make demo       the main job: sample, annotate, train, publish; report"
 	@echo "make test       the whole test suite (builds what it needs)"
 	@echo "make bench      kernel, policy and trainer benchmarks -> bench/results/"
+	@echo "make loadtest   concurrent clients against real servers (LOADTEST_ARGS=--clients N --seconds S)"
 	@echo "make lint       ruff"
 
 # ---- set-up --------------------------------------------------------------------------------
@@ -115,6 +116,11 @@ test-integration: setup model
 
 bench: setup model
 	$(PY) -m bench $(BENCH_ARGS)
+
+# Many concurrent clients generating and submitting for a fixed time against real servers on
+# 127.0.0.1 (bench/loadtest.py): requests/s, p50/p99 latency, errors, server memory per round.
+loadtest: setup model
+	$(PY) -m bench.loadtest --model $(MODEL) $(LOADTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
