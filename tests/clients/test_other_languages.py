@@ -178,3 +178,77 @@ def test_go_vectors(demo_servers):
     results = go_test(demo_servers, "-run", "^TestVectors$", TOKENFEEDBACK_VECTORS=str(VECTORS))
     assert results.get("TestVectors") == "PASS", results
     assert sum(name.startswith("TestVectors/") for name in results) >= 30, results
+
+
+# ---- TLS and tokens (issue 7): the examples against servers with TLS and auth on -------------------
+
+ANNOTATOR_TOKEN = "annotator-ts-go-4c1e9b7a2d5f"
+ADMIN_TOKEN = "admin-ts-go-8e2f6a0c3b7d"
+
+
+@dataclass
+class SecureServers(Servers):
+    ca: Path = Path()  # roots of the servers' certificates
+    other_ca: Path = Path()  # an unrelated CA
+
+    def env(self, token: str | None = None, ca: Path | None = None, **extra: str) -> dict[str, str]:
+        env = super().env(**extra)
+        env.update(TOKENFEEDBACK_CA=str(ca or self.ca), **({"TOKENFEEDBACK_TOKEN": token} if token else {}))
+        return env
+
+
+@pytest.fixture(scope="module")
+def secure_servers(built, tiny_model_dir, tmp_path_factory):
+    """Both servers with TLS (a throwaway CA) and tokens; the trainer publishes with the admin token."""
+    from common.tls import channel_credentials
+    from tests.reliability.certs import make_certs
+
+    folder = tmp_path_factory.mktemp("secure")
+    certs = make_certs(folder / "certs")
+    for name, token in (("annotator", ANNOTATOR_TOKEN), ("admin", ADMIN_TOKEN)):
+        (folder / name).write_text(token + "\n")
+        (folder / name).chmod(0o600)
+    secure = ["--port", "0", "--host", "127.0.0.1", "--tls-cert", str(certs.server_cert), "--tls-key",
+              str(certs.server_key), "--annotator-token-file", str(folder / "annotator"), "--admin-token-file",
+              str(folder / "admin")]
+    credentials = channel_credentials(certs.ca)
+    policy = start_server("policy_server", ["--model", str(tiny_model_dir), *secure], name="policy", cwd=ROOT,
+                          credentials=credentials)
+    try:
+        trainer = start_server(
+            "trainer_server", ["--model", str(tiny_model_dir), "--data", str(folder / "data"), *secure, "--policy",
+                               policy.address, "--policy-tls-ca", str(certs.ca), "--policy-token-file",
+                               str(folder / "admin")],
+            name="trainer", cwd=ROOT, credentials=credentials)
+    except Exception:
+        policy.stop()
+        raise
+    both = SecureServers(policy, trainer, ca=certs.ca, other_ca=certs.other_ca)
+    yield both
+    both.stop()
+
+
+EXAMPLES = {"typescript": (["node", "dist/examples/feedback.js"], TS), "go": (["gopath/bin/example"], GO)}
+
+
+def run_example(language: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    cmd, cwd = EXAMPLES[language]
+    return subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("language", sorted(EXAMPLES))
+def test_example_over_tls_with_tokens(secure_servers, language):
+    """With the CA and the admin token the whole loop runs (generate, submit, train, publish over
+    TLS); an annotator token is refused at Train; without a token, or trusting another CA, the
+    first call fails with a clear error."""
+    done = run_example(language, secure_servers.env(token=ADMIN_TOKEN))
+    assert done.returncode == 0, f"{done.stdout[-4000:]}\n{secure_servers.logs()}"
+    assert re.search(r"^submitted example-\S+: status 1 rows [12]$", done.stdout, re.M), done.stdout
+    assert re.search(r"^done: model version [1-9]\d*", done.stdout, re.M), done.stdout
+    refusals = [(ANNOTATOR_TOKEN, None, r"permission.denied|PERMISSION_DENIED"),
+                (None, None, r"unauthenticated|UNAUTHENTICATED"),
+                (ADMIN_TOKEN, secure_servers.other_ca, r"unavailable|UNAVAILABLE")]
+    for token, ca, pattern in refusals:
+        done = run_example(language, secure_servers.env(token=token, ca=ca))
+        assert done.returncode != 0 and re.search(pattern, done.stdout, re.I), (token, ca, done.stdout[-3000:])
