@@ -290,3 +290,29 @@ def test_connect_reply_for_refused_stream_is_readable(limited, certs):
     except urllib.error.HTTPError as exc:
         raise AssertionError(exc.read()) from None
     assert b'"token"' in text and b"resource_exhausted" not in text
+
+
+def test_a_train_call_past_its_deadline_stops_training(fuzz_servers):
+    """Train runs in a worker thread; when its caller's deadline passes, the run stops after the
+    step in progress (it does not train on for the 10 000 steps asked)."""
+    stub = tpb_grpc.TrainerServiceStub(fuzz_servers.trainer_channel)
+    md = metadata(ADMIN_TOKEN)
+    stub.SubmitAnnotations(tpb.SubmitAnnotationsRequest(sequences=[tpb.AnnotatedSequence(
+        annotation_id=f"deadline-{i}", prompt_token_ids=[1, 2], completion_token_ids=[3, 4, 5],
+        token_labels=[tpb.TokenLabel(position=1, weight=-1)]) for i in range(4)]), metadata=md, timeout=30)
+    start = stub.GetStatus(tpb.GetStatusRequest(), metadata=md, timeout=30).step
+    with pytest.raises(grpc.RpcError) as err:
+        for _ in stub.Train(tpb.TrainRequest(steps=10_000, publish=False), metadata=md, timeout=1.5):
+            pass
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def status():
+        return stub.GetStatus(tpb.GetStatusRequest(), metadata=md, timeout=30)
+
+    deadline = time.monotonic() + 30
+    while status().training:
+        assert time.monotonic() < deadline, "training went on after its caller's deadline"
+        time.sleep(0.1)
+    stopped = status().step
+    time.sleep(1.0)
+    assert status().step == stopped and start < stopped < start + 10_000
