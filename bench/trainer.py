@@ -16,6 +16,9 @@ Three measurements, each against a baseline taken in the same run:
 
     python -m bench --only trainer [--quick]
     python -m bench.trainer --model PATH [--quick]
+
+On a CPU shared with other work, OMP_NUM_THREADS=1 gives stable figures (two OpenMP threads on
+an oversubscribed 2-core machine made a demo-model step 8x slower, 2.8 s instead of 0.35 s).
 """
 
 from __future__ import annotations
