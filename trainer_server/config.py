@@ -47,6 +47,7 @@ class TrainerConfig:
     clip_eps: float = 0.2  # pg_clip: importance-ratio clip range [1-eps, 1+eps]
     horizon: str = "1"  # credit-assignment horizon: a positive integer or "full" (DESIGN.md, "Horizon")
     gamma: float = 1.0  # discount over the horizon, in [0, 1]
+    baseline: bool = False  # pg_clip: subtract the batch-mean return from the sampled rows' weights
     bad_span_share: float = 0.0  # weight share of a bad span's later tokens (DESIGN.md, "Spans")
     # ---- optimization ----
     optimizer: str = "adamw"  # adamw | sgd (plain SGD: the update is -lr * gradient, e.g. for exact comparisons)
@@ -173,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--clip-eps", type=float, default=d.clip_eps, help="pg_clip ratio clip (default %(default)s)")
     a("--horizon", default=d.horizon, help="credit-assignment horizon: integer or 'full' (default 1)")
     a("--gamma", type=float, default=d.gamma, help="discount over the horizon (default %(default)s)")
+    a("--baseline", action="store_true",
+      help="pg_clip: subtract the batch-mean return G from the sampled rows' weights (DESIGN.md, Horizon)")
     a("--bad-span-share", type=float, default=d.bad_span_share,
       help="weight share of a bad span's tokens after its first (default %(default)s)")
     a("--optimizer", default=d.optimizer, choices=OPTIMIZERS, help="adamw (default) or sgd")

@@ -19,7 +19,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,7 +30,7 @@ from common.weights import unique_tensors
 from trainer_server.checkpoint import CheckpointMeta, Checkpoints, load_into
 from trainer_server.config import VARIANTS, TrainerConfig, parse_horizon
 from trainer_server.distributed import Collective
-from trainer_server.rows import horizon_rows, scaled, stale_factor
+from trainer_server.rows import horizon_rows, scaled, stale_factor, subtract_baseline
 from trainer_server.store import AnnotationStore, StoredAnnotation
 from trainer_server.training import Example, PolicyTrainer, StepParams, StepResult
 from trainer_server.validate import SequenceInput, Validator, sequence_field
@@ -305,6 +305,9 @@ class TrainerEngine:
                 messages.append("cancelled")
                 break
             examples, pending_seqs, stale_skipped = self._next_batch(batch_size, one_pass, horizon, gamma)
+            if self.config.baseline and params.variant == "pg_clip":
+                rows = subtract_baseline([list(e.rows) for e in examples])
+                examples = [replace(e, rows=tuple(r)) for e, r in zip(examples, rows, strict=True)]
             if stale_skipped:
                 messages.append(f"{stale_skipped} stale annotations skipped")
             if not examples:

@@ -99,6 +99,18 @@ def horizon_rows(annotation: Annotation, horizon: int | None = 1, gamma: float =
     return sorted(rows, key=lambda r: (r.position, r.replacement, r.token_id))
 
 
+def subtract_baseline(batch: list[list[Row]]) -> list[list[Row]]:
+    """The optional baseline of the pg variants (DESIGN.md, "Horizon"): the mean sampled-row weight
+    G over the batch is subtracted from every sampled row, so that a batch of only good (or only
+    bad) sequences still pushes its better ones up relative to its worse ones. Replacement rows
+    are targets named by a person, not returns: they keep their weight."""
+    sampled = [r.weight for rows in batch for r in rows if not r.replacement]
+    if not sampled:
+        return batch
+    mean = sum(sampled) / len(sampled)
+    return [[r if r.replacement else Row(r.position, r.token_id, r.weight - mean) for r in rows] for rows in batch]
+
+
 def stale_factor(model_version: int, current_version: int, limit: int, policy: str, decay: float) -> float | None:
     """Weight multiplier for an annotation made by `model_version` when training `current_version`:
     1 when fresh (age <= limit, or limit -1), decay ** (age - limit) when down-weighting, and

@@ -80,3 +80,13 @@ def test_a_position_nothing_reaches_gets_no_row():
 def test_stale_factor(version, limit, policy, expected):
     # current version 5; age = 5 - version; decay 0.5 per version past the limit
     assert stale_factor(version, 5, limit, policy, 0.5) == expected
+
+
+def test_baseline_subtracts_the_batch_mean_return_from_sampled_rows_only():
+    from trainer_server.rows import subtract_baseline
+
+    batch = [[Row(0, 5, 1.0), Row(0, 9, 1.0, replacement=True)], [Row(1, 6, -1.0), Row(2, 7, 3.0)]]
+    # mean of the sampled rows: (1 - 1 + 3) / 3 = 1
+    assert subtract_baseline(batch) == [[Row(0, 5, 0.0), Row(0, 9, 1.0, replacement=True)],
+                                        [Row(1, 6, -2.0), Row(2, 7, 2.0)]]
+    assert subtract_baseline([[Row(0, 9, 1.0, replacement=True)]]) == [[Row(0, 9, 1.0, replacement=True)]]
