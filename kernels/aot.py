@@ -17,7 +17,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 ARCHS = (80, 90)
 
@@ -155,5 +155,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-__all__ = ["Spec", "Compiled", "specs", "compile_one", "compile_all", "format_table", "asdict"]

@@ -2,9 +2,9 @@
 
 Positions are processed in chunks of C rows of the logits, so besides the gradient buffer that the
 API implies, the temporaries are a few [C, V] tensors: the gradient is built in place in the
-caller's buffer (log p, then log p - log q, then the gradient), next to one buffer for p. The math
-is the Triton kernel's (see `kernels.triton_loss` for the derivation); here it is vectorized over
-the rows of a chunk:
+caller's buffer (log p - log q, then p (log p - log q), then the gradient), next to one buffer
+for p. The math is the Triton kernel's (see `kernels.triton_loss` for the derivation); here it is
+vectorized over the rows of a chunk:
 
     dl/dz_j = a p_j + [j = y] (exact - a p_y)               first form, most rows
     dl/dz_j = c exp(z_j - lse(z without y)), exact at y    unlikelihood with w < 0 and p_y >= 1/2
@@ -31,8 +31,8 @@ def default_chunk_size(n: int, vocab: int) -> int:
 
     Large on purpose. Each chunk costs ~40 PyTorch operations, ~15 of them parallel passes over
     [C, V]; on a shared CPU every parallel region waits for its slowest thread, so many small
-    chunks lose more than cache-sized chunks win (1.4x faster per element on an idle core, 3x
-    slower on a busy 2-core machine). In the fused-linear path each chunk also reads and writes
+    chunks lose more than cache-sized chunks win (1.5x faster per element on one idle core, up
+    to 3x slower on a busy 2-core machine). In the fused-linear path each chunk also reads and writes
     all of the fp32 lm_head gradient (grad_W += g^T h_c): fewer chunks move less memory.
     """
     return max(1, min(n, CHUNK_BYTES // (4 * vocab)))

@@ -88,13 +88,15 @@ def check_args(
         raise ValueError(f"beta: must be finite and >= 0, got {beta}")
     if not math.isfinite(float(clip_eps)) or not 0 <= float(clip_eps) < 1:
         raise ValueError(f"clip_eps: must be in [0, 1), got {clip_eps}")
-    r = row_index.shape[0] if row_index.dim() == 1 else -1
+    if row_index.dim() != 1:
+        raise ValueError(f"row_index: must be 1-D [R], got shape {list(row_index.shape)}")
+    r = row_index.shape[0]
     named = [("row_index", row_index), ("targets", targets), ("weights", weights)]
     if behavior_logprobs is not None:
         named.append(("behavior_logprobs", behavior_logprobs))
     for name, t in named:
         if t.dim() != 1 or t.shape[0] != r:
-            raise ValueError(f"{name}: must have shape [R] = [{max(r, 0)}] like row_index, got {list(t.shape)}")
+            raise ValueError(f"{name}: must have shape [R] = [{r}] like row_index, got {list(t.shape)}")
         if t.device != device:
             raise ValueError(f"{name}: must be on {device} like the logits, got {t.device}")
     for name, t in named[:2]:
