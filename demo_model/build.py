@@ -6,13 +6,19 @@ truth.json (the ground truth, see corpus.py and judge.py), heldout.json (evaluat
 held-out sentences, see prompts.py) and build.json (how it was built, timings, and the self-check's
 figures). Everything is written into a temporary sibling folder that is renamed into place at the
 end, so a killed build never leaves a half model where a complete one is expected; build.json is
-written last, and a folder counts as complete when all the files above exist.
+written last, and a folder counts as complete when all the files above exist. A lock file next
+to the folder makes concurrent builds of the same folder (two `make model` at once) build it once:
+the second waits, then reuses. Temporary folders of builds that were killed are removed by the
+next build.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -55,6 +61,50 @@ def recipe(cfg: BuildConfig) -> dict:
 def build(cfg: BuildConfig, log=print) -> Path:
     """Build the model folder unless a complete one with the same recipe exists (or force)."""
     out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(out, log):
+        _remove_stale(out, log)
+        return _build_locked(cfg, out, log)
+
+
+@contextlib.contextmanager
+def _lock(out: Path, log):
+    """An exclusive flock on a sibling lock file for the whole build (released if the process dies)."""
+    with open(out.parent / f".{out.name}.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"demo model: another process is building {out}, waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_stale(out: Path, log) -> None:
+    """Remove temporary folders left by builds of `out` whose process no longer runs."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)$")
+    for p in out.parent.iterdir():
+        m = pattern.match(p.name)
+        if m and p.is_dir() and not _alive(int(m.group(2))):
+            log(f"demo model: removing {p} left by an interrupted build")
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _build_locked(cfg: BuildConfig, out: Path, log) -> Path:
     if is_complete(out) and not cfg.force:
         built = json.loads((out / BUILD_FILE).read_text(encoding="utf-8"))
         if built.get("recipe") != recipe(cfg):
@@ -65,7 +115,6 @@ def build(cfg: BuildConfig, log=print) -> Path:
         log(f"demo model: {out} is complete, reusing it (--force rebuilds)")
         return out
     t_start = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -95,7 +95,22 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
     out = tmp_path / "demo"
     with pytest.raises(RuntimeError, match="killed"):
         build(tiny(out), log=lambda _: None)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".demo.lock"]  # no model, no temporary folder
+
+
+def test_stale_temporary_folders_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    pid = int(dead.stdout)  # a process that has exited
+    stale = tmp_path / f".demo.tmp-{pid}"
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
+    other = tmp_path / f".other.tmp-{pid}"  # another folder's leftovers are not ours to remove
+    other.mkdir()
+    lines: list[str] = []
+    build(tiny(tmp_path / "demo", steps=2, check_samples=0), log=lines.append)
+    assert not stale.exists() and other.exists()
+    assert any("interrupted build" in line for line in lines), lines
 
 
 def test_force_rebuild_replaces_an_incomplete_folder(tmp_path):
@@ -106,7 +121,7 @@ def test_force_rebuild_replaces_an_incomplete_folder(tmp_path):
     build(tiny(out, steps=2, check_samples=0), log=lambda _: None)
     assert is_complete(out)
     assert json.loads((out / "build.json").read_text())["self_check"] is None
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no temp or old folders left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".demo.lock", "demo"]  # no temp or old folders left
 
 
 def test_command_line(tmp_path):
@@ -121,3 +136,17 @@ def test_command_line(tmp_path):
     assert r.returncode == 0 and "reusing" in r.stdout, r.stdout + r.stderr
     r = subprocess.run(cmd[:-1] + ["0.3"], cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert r.returncode != 0 and "--force" in r.stderr
+
+
+def test_concurrent_builds_build_once(tmp_path):
+    out = tmp_path / "m"
+    cmd = [sys.executable, "-m", "demo_model", "--out", str(out), "--steps", "30", "--threads", "1",
+           "--check-samples", "0"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    stdouts = [o for o, _ in outputs]
+    assert sum("step    30/30" in o for o in stdouts) == 1, stdouts  # one trained
+    assert sum("reusing" in o for o in stdouts) == 1, stdouts  # the other waited and reused
+    assert is_complete(out)
