@@ -25,7 +25,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from demo.experiment import by_arm, curve, plot_error, run_grid, summary_table
+from demo.experiment import GRID_DEFAULTS, RUNS, by_arm, curve, plot_error, run_grid, summary_table
 from demo.loop import ArmConfig, arm_arguments, arm_from_args
 from demo.report import mean_std, plot_lines, update_readme, write_json
 
@@ -90,8 +90,9 @@ def degeneration_plot(records: list[dict], names: list[str], path: Path) -> Path
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo.claims", description=__doc__.split("\n\n")[0])
-    arm_arguments(parser, ArmConfig(rounds=4, budget=48))
+    arm_arguments(parser, GRID_DEFAULTS)
     parser.add_argument("--seeds", type=int, default=3, help="seeds per arm (default %(default)s)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once (default %(default)s)")
     parser.add_argument("--kl-target-adaptive", type=float, default=0.02, help="KL target of the adaptive arm")
     parser.add_argument("--quick", action="store_true", help="one seed, one round, small budget (CI check)")
     parser.add_argument("--out", type=Path, default=DOCS, help="folder for claims.json and the plots")
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"claims: {len(unique)} distinct arms x {len(seeds)} seeds, {base.rounds} rounds x {base.budget} "
           f"annotated sequences", flush=True)
     t0 = time.perf_counter()
-    records = run_grid(unique, seeds, log=lambda m: print(m, flush=True))
+    records = run_grid(unique, seeds, log=lambda m: print(m, flush=True), jobs=args.jobs,
+                       cache=None if args.quick else RUNS)
     grouped = by_arm(records)
     start = mean_std([r["rounds"][0]["error_rate"] for r in records])[0]
     target = start / 2

@@ -20,14 +20,22 @@ table into README.md between the `experiment` markers.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from demo.loop import RESULTS, ArmConfig, arm_arguments, arm_from_args, run_arm
 from demo.report import markdown_table, mean_std, plot_lines, update_readme, write_json
+
+RUNS = RESULTS / "runs"  # one JSON per finished run, keyed by its configuration (see run_grid)
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "experiment"
+# The comparisons run shorter than the demo, so that 3 seeds of every arm fit in reasonable time.
+GRID_DEFAULTS = ArmConfig(rounds=4, budget=64, steps=16)
 
 
 def experiment_arms(base: ArmConfig, beta: float) -> list[ArmConfig]:
@@ -40,23 +48,51 @@ def experiment_arms(base: ArmConfig, beta: float) -> list[ArmConfig]:
     return arms
 
 
-def run_grid(arms: Sequence[ArmConfig], seeds: Sequence[int], log=print) -> list[dict]:
-    """Each arm at each seed; returns one record per (arm, seed) with `arm` and `seed` set."""
-    records = []
-    total, t0 = len(arms) * len(seeds), time.perf_counter()
-    for a, arm in enumerate(arms):
-        for s, seed in enumerate(seeds):
-            done = a * len(seeds) + s
-            eta = (time.perf_counter() - t0) / done * (total - done) if done else float("nan")
-            log(f"--- [{done + 1}/{total}] {arm.name}, seed {seed}" + (f" (about {eta / 60:.0f} min left)" if done else ""))
-            record = run_arm(replace(arm, seed=seed), log=lambda m: None)
-            record.update(arm=arm.name, seed=seed)
-            last = record["rounds"][-1]
-            log(f"    error rate {record['rounds'][0]['error_rate']:.1%} -> {last['error_rate']:.1%}, "
-                f"perplexity {last['heldout_perplexity']:.3f}, distinct-2 {last['distinct2']:.3f}, "
-                f"{record['seconds']} s")
-            records.append(record)
-    return records
+def run_key(arm: ArmConfig) -> str:
+    """What determines a run's outcome (everything but its display name), as a short hash."""
+    config = asdict(replace(arm, name=""))
+    config["model_build"] = _model_fingerprint(arm.model)
+    return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _model_fingerprint(model: str) -> str:
+    build = Path(model) / "build.json"
+    return hashlib.sha1(build.read_bytes()).hexdigest() if build.is_file() else model
+
+
+def run_grid(arms: Sequence[ArmConfig], seeds: Sequence[int], log=print, jobs: int = 1,
+             cache: Path | None = RUNS) -> list[dict]:
+    """Each arm at each seed; returns one record per (arm, seed) with `arm` and `seed` set.
+
+    Runs are independent (each starts its own servers), so `jobs` of them can run at once. A run
+    whose configuration was already run (by `make experiment` or `make claims`) is read back from
+    `cache` instead of being run again; delete the folder to rerun everything."""
+    work = [replace(arm, seed=seed) for arm in arms for seed in seeds]
+    t0, finished = time.perf_counter(), 0
+
+    def one(arm: ArmConfig) -> dict:
+        nonlocal finished
+        path = cache / f"{run_key(arm)}.json" if cache is not None else None
+        if path is not None and path.is_file():
+            record = json.loads(path.read_text())
+            how = "cached"
+        else:
+            record = run_arm(arm, log=lambda m: None)
+            if path is not None:
+                write_json(record, path)
+            how = f"{record['seconds']} s"
+        record.update(arm=arm.name, seed=arm.seed)
+        finished += 1
+        last = record["rounds"][-1]
+        elapsed = time.perf_counter() - t0
+        log(f"[{finished}/{len(work)}] {arm.name}, seed {arm.seed}: error rate "
+            f"{record['rounds'][0]['error_rate']:.1%} -> {last['error_rate']:.1%}, perplexity "
+            f"{last['heldout_perplexity']:.3f}, distinct-2 {last['distinct2']:.3f} ({how}; "
+            f"{elapsed / 60:.1f} min elapsed)")
+        return record
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(one, work))
 
 
 def by_arm(records: Sequence[dict]) -> dict[str, list[dict]]:
@@ -106,10 +142,11 @@ def plot_error(records: Sequence[dict], path: Path, title: str, key: str = "erro
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo.experiment", description=__doc__.split("\n\n")[0])
-    arm_arguments(parser)
+    arm_arguments(parser, GRID_DEFAULTS)
     parser.add_argument("--seeds", type=int, default=3, help="seeds per arm (default %(default)s)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once (default %(default)s)")
     parser.add_argument("--quick", action="store_true", help="one seed, one round, small budget: a pipeline check")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for experiment.json/png")
+    parser.add_argument("--out", type=Path, default=DOCS, help="folder for experiment.json/png")
     parser.add_argument("--no-readme", action="store_true", help="do not write the table into README.md")
     args = parser.parse_args(argv)
     base = arm_from_args(args)
@@ -119,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     arms = experiment_arms(base, beta=args.beta if args.beta > 0 else 0.1)
     print(f"experiment: {len(arms)} arms x {len(seeds)} seeds, {base.rounds} rounds x {base.budget} sequences",
           flush=True)
-    records = run_grid(arms, seeds, log=lambda m: print(m, flush=True))
+    records = run_grid(arms, seeds, log=lambda m: print(m, flush=True), jobs=args.jobs,
+                       cache=None if args.quick else RUNS)
     table = summary_table(records)
     json_path = write_json({"arms": [a.name for a in arms], "seeds": seeds, "records": records},
                            args.out / "experiment.json")
@@ -128,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_readme:
         update_readme("experiment", f"Produced by `make experiment` on {time.strftime('%Y-%m-%d')} "
                       f"({len(seeds)} seeds, {base.rounds} rounds x {base.budget} annotated sequences per arm; "
-                      f"plot: `demo/results/experiment.png`).\n\n{table}")
+                      f"plot: `docs/experiment/experiment.png`).\n\n{table}")
     print(f"wrote {json_path} and {png}")
     return 0
 

@@ -46,16 +46,16 @@ class ArmConfig:
 
     name: str = "token-level"  # label in tables and plots
     model: str = "data/demo-model"  # model folder (or hub id) both servers load
-    rounds: int = 5  # rounds of sample -> annotate -> train -> publish -> measure
-    budget: int = 48  # completions the annotator looks at per round (the annotation budget)
-    steps: int = 12  # optimizer steps per round
+    rounds: int = 8  # rounds of sample -> annotate -> train -> publish -> measure
+    budget: int = 64  # completions the annotator looks at per round (the annotation budget)
+    steps: int = 16  # optimizer steps per round
     form: str = "token"  # annotator form: "token" (spans + replacements) or "sequence" (one reward)
     replacements: bool = True  # token form: bad spans carry the right capital as replacement
     good_share: float = 0.25  # token form: share of right answers marked good
     variant: str = "unlikelihood"  # likelihood | unlikelihood | pg_clip
     beta: float = 0.1  # KL coefficient (start value when kl_target is set)
     kl_target: float | None = None  # adaptive beta holding the KL near this (None: fixed beta)
-    learning_rate: float = 1e-3  # AdamW step size (the demo model is tiny)
+    learning_rate: float = 1e-4  # AdamW step size (1e-3 overshoots: error rate and perplexity rise)
     batch_size: int = 16  # sequences per step
     horizon: str = "1"  # credit assignment (DESIGN.md "Horizon"); "full" = sequence level
     gamma: float = 1.0  # discount over the horizon
