@@ -8,12 +8,22 @@ subprocess on 127.0.0.1, port 0; the server is stopped (SIGTERM) at the end of t
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Without a GPU the Triton kernels run under Triton's CPU interpreter. The switch is read when
+# triton and the @triton.jit functions are first imported, and any suite (trainer, clients) may
+# import kernels first, so it is set here, before every test module. With CUDA, kernels compile.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, str(ROOT))  # so `python -m pytest` finds common/, policy_server/, ... from anywhere
 
 # Text the tiny tokenizer learns its merges from: capital-city facts like the demo corpus, plus
