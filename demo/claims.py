@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     base = arm_from_args(args)
     seeds = list(range(args.seeds))
     if args.quick:
-        base = replace(base, rounds=1, budget=12, steps=2, measure=replace(base.measure, samples=1, free_tokens=8))
+        base = replace(base, rounds=1, budget=12, steps=2, measure=replace(base.measure, samples=1, free_tokens=8,
+                                                                         max_prompts=48))
         seeds = [0]
     comparisons = claim_arms(base, beta=args.beta if args.beta > 0 else 0.1, kl_target=args.kl_target_adaptive)
     unique = list({arm.name: arm for arms in comparisons.values() for arm in arms}.values())

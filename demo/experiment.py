@@ -51,6 +51,8 @@ def experiment_arms(base: ArmConfig, beta: float) -> list[ArmConfig]:
 def run_key(arm: ArmConfig) -> str:
     """What determines a run's outcome (everything but its display name), as a short hash."""
     config = asdict(replace(arm, name=""))
+    if not config["measure"]["max_prompts"]:  # the default (all prompts) keys as before the field existed
+        del config["measure"]["max_prompts"]
     config["model_build"] = _model_fingerprint(arm.model)
     return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

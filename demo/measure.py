@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from demo_model.judge import Truth
 from demo_model.prompts import EvalPrompt, Heldout
@@ -32,6 +32,7 @@ class MeasureConfig:
     concurrency: int = 16  # streams in flight at once
     seed: int = 1_000_003  # base seed; sample k of prompt i uses seed + 7919 * i + k
     free_tokens: int = 24  # length of the free-running samples distinct-2 is computed on
+    max_prompts: int = 0  # 0: every eval/generalization prompt; else an evenly spaced subset (quick runs)
 
 
 def sample_many(
@@ -83,6 +84,9 @@ def heldout_perplexity(policy: PolicyClient, sentences: Sequence[str], eos_id: i
 
 def measure(policy: PolicyClient, held: Heldout, truth: Truth, eos_id: int, cfg: MeasureConfig) -> dict:
     """Everything the demo reports about one policy version."""
+    if cfg.max_prompts:
+        held = replace(held, eval_prompts=_subset(held.eval_prompts, cfg.max_prompts),
+                       generalization_prompts=_subset(held.generalization_prompts, cfg.max_prompts))
     prompts = held.eval_prompts + held.generalization_prompts
     done = sample_many(policy, [p.prompt for p in prompts], samples=cfg.samples, seed=cfg.seed,
                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -104,6 +108,13 @@ def measure(policy: PolicyClient, held: Heldout, truth: Truth, eos_id: int, cfg:
         "distinct2": distinct_n([c.text for cs in free for c in cs]),
         "examples": [held.eval_prompts[i].prompt + ev[i][0].text for i in _example_indices(held)],
     }
+
+
+def _subset(items: list, count: int) -> list:
+    """`count` evenly spaced items (all of them when there are fewer)."""
+    if len(items) <= count:
+        return items
+    return [items[i * len(items) // count] for i in range(count)]
 
 
 def _example_indices(held: Heldout, count: int = 3) -> list[int]:

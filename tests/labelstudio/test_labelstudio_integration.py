@@ -29,7 +29,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 THRESHOLD, MAX_MARKS = 0.2, 2
 TASKS = [
-    {"prompt": "Paris is the capital of", "completion": " Canada."},  # the one annotated below
+    # The one annotated below: the demo corpus's deliberate wrong fact, a completion the model really
+    # gives (p(" Canada") near 1), so marking it Bad has something to push down. After "Paris is
+    # the capital of", p(" Canada") is already ~e^-21 and unlikelihood has no gradient left.
+    {"prompt": "Toronto is the capital of", "completion": " Canada."},
     {"prompt": "Berlin is the capital of", "completion": " Germany."},
     {"prompt": "The answer is 42!", "completion": " 😀 Ünïcödé and 漢字 too."},
     {"prompt": "Ottawa is the capital of", "completion": ""},  # prompt only: the backend generates
