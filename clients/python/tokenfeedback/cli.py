@@ -410,7 +410,9 @@ def run_serve(args: argparse.Namespace, ctx: Context) -> int:
     def on_signal(signum, frame):  # SIGTERM behaves like Ctrl-C
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_signal)
+    # SIGINT too: a process started in the background by a non-interactive shell inherits SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler of its own.
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     servers = []
     failed = None
     try:
@@ -440,7 +442,8 @@ def run_serve(args: argparse.Namespace, ctx: Context) -> int:
     except KeyboardInterrupt:
         ctx.note("stopping ...")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         codes = {server.name: server.stop() for server in reversed(servers)}
         if servers:
             if ctx.json:

@@ -16,6 +16,7 @@ import sys
 import time
 
 import pytest
+
 from tokenfeedback import TrainerClient
 
 PROMPT = "Ottawa is the capital of"
@@ -229,8 +230,10 @@ def test_serve_starts_both_and_stops_on_ctrl_c(tiny_model_dir, tmp_path):
         with TrainerClient(serving["trainer"]) as trainer:
             assert trainer.status().policies[0].address == serving["policy"]
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 0
-        stopped = json.loads(proc.stdout.readline())
+        # communicate drains both pipes while waiting: a full stderr pipe would block the exit
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-3000:]
+        stopped = json.loads(out.splitlines()[0])
         assert stopped == {"event": "stopped", "exit_codes": {"trainer": 0, "policy": 0}}
         for pid in serving["pids"].values():
             with pytest.raises(ProcessLookupError):

@@ -17,6 +17,7 @@ from concurrent import futures
 
 import grpc
 import pytest
+
 import tokenfeedback.v1.policy_pb2 as policy_pb2
 import tokenfeedback.v1.policy_pb2_grpc as policy_pb2_grpc
 import tokenfeedback.v1.trainer_pb2 as trainer_pb2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 import tokenfeedback.v1.trainer_pb2 as trainer_pb2
 from tokenfeedback.imports import (
     ConversionError,

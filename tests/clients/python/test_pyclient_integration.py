@@ -12,6 +12,7 @@ import socket
 import time
 
 import pytest
+
 import tokenfeedback.v1.trainer_pb2 as trainer_pb2
 from tokenfeedback import (
     DeadlineExceededError,

@@ -13,8 +13,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-import tokenfeedback.v1.trainer_pb2 as trainer_pb2
 from google.protobuf import json_format
+
+import tokenfeedback.v1.trainer_pb2 as trainer_pb2
 from tokenfeedback import NotFoundError, PolicyClient, TokenfeedbackError, TrainerClient
 
 VECTORS_FILE = Path(__file__).resolve().parents[2] / "vectors" / "annotations.json"
