@@ -77,7 +77,7 @@ def run_arm(cfg: ArmConfig, log=print) -> dict:
     truth, held = load_truth(cfg.model), heldout(cfg.model)
     annotator = SimulatedAnnotator(truth, AnnotatorConfig(cfg.form, cfg.good_share, cfg.replacements, cfg.seed))
     rng = random.Random(cfg.seed)
-    record = {"config": _plain(asdict(cfg)), "rounds": []}
+    record = {"config": asdict(cfg), "rounds": []}
     t0 = time.perf_counter()
     with running_services(cfg.model, cfg.trainer_flags(), log=log) as (policy_proc, trainer_proc):
         with PolicyClient(policy_proc.address, timeout=120) as policy, \
@@ -178,10 +178,6 @@ def _eos_id(policy: PolicyClient) -> int:
         if special.role == "eos":
             return special.token_id
     raise RuntimeError(f"model {info.model_name} has no eos token; held-out perplexity needs one")
-
-
-def _plain(values: dict) -> dict:
-    return {k: (_plain(v) if isinstance(v, dict) else v) for k, v in values.items()}
 
 
 # ---- make demo ---------------------------------------------------------------------------------
