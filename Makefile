@@ -102,8 +102,11 @@ clients/go/gopath/bin/example: $(GO_SRC) $(PROTOS) $(wildcard clients/go/*.sh) |
 clients-go: clients/go/gopath/bin/example
 
 # ---- checks --------------------------------------------------------------------------------
+# Triton's cache starts empty for every run (a fresh temporary folder): a result that only holds
+# with kernels compiled by an earlier run cannot pass here and then fail on a new machine.
 test: setup system-deps model clients-ts clients-go
-	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
+	cache=$$(mktemp -d -t tokenfeedback-triton-XXXXXX); trap 'rm -rf "$$cache"' EXIT; \
+	TRITON_CACHE_DIR=$$cache $(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
 test-fast: setup model
 	$(PY) -m pytest -q -rs -m "not slow" $(PYTEST_ARGS)

@@ -7,11 +7,19 @@ Registers and spill bytes come from `ptxas -v` (the ptxas bundled with Triton) r
 PTX; shared memory and warps from the compiled metadata.
 
     python -m kernels.aot          # table on stdout; exit status 1 if any kernel fails to compile
+    python -m kernels.aot --json   # one JSON object per compiled specialization instead
+
+The compiler must see Triton's real language functions, not the interpreter's: a process with
+TRITON_INTERPRET=1 (the test suite without a GPU sets it) gets the interpreter's everywhere once
+triton is imported. `compile_isolated` therefore runs this module in a child process with that
+switch removed and its own empty cache folder, so a result never depends on an earlier run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -144,12 +152,37 @@ def format_table(results: list[Compiled]) -> str:
     return "\n".join(lines)
 
 
+def compile_isolated(archs: tuple[int, ...], cache_dir: str, timeout: float = 900) -> list[Compiled]:
+    """compile_all in a child process without TRITON_INTERPRET, with `cache_dir` as its Triton
+    cache (pass an empty folder: nothing from an earlier run can stand in for a compile)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = cache_dir
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = [sys.executable, "-m", "kernels.aot", "--json"] + [f"--arch={a}" for a in archs]
+    done = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode not in (0, 1) or not done.stdout.strip():
+        raise RuntimeError(f"python -m kernels.aot exited {done.returncode}:\n{done.stderr[-4000:]}")
+    return [_from_json(json.loads(line)) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def _from_json(d: dict) -> Compiled:
+    return Compiled(**{**d, "spec": Spec(**d["spec"])})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", help="compute capability (default: 80 and 90)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line instead of the table")
     args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("kernels.aot: TRITON_INTERPRET=1 is set; the compiler needs it unset", file=sys.stderr)
+        return 2
     results = compile_all(tuple(args.arch) if args.arch else ARCHS)
-    print(format_table(results))
+    if args.json:
+        for r in results:
+            print(json.dumps(dataclasses.asdict(r)))
+    else:
+        print(format_table(results))
     return 1 if any(r.error for r in results) else 0
 
 
