@@ -83,6 +83,10 @@ class EngineConfig:
     max_text_chars: int = 65536  # longest text field (prompts, completions, Tokenize, AlignSpans)
     # largest UpdateWeights (header.total_bytes); 0: the model's size (each tensor at most once, at its size)
     max_update_bytes: int = 0
+    # ---- the vLLM engine only (--engine vllm; policy_server/vllm_engine.py) ----
+    tensor_parallel_size: int = 1  # GPUs one model is sharded over
+    gpu_memory_utilization: float = 0.9  # share of each GPU's memory vLLM may take (weights + KV cache)
+    max_model_len: int = 0  # longest prompt + completion; 0: the model's own length
 
 
 # ---- a generation stream, as a transport sees it --------------------------------------------

