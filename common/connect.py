@@ -34,7 +34,6 @@ from connectrpc.errors import ConnectError
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from common.errors import ServiceError
-from common.guard import HttpGuard
 from common.metrics import serve_metrics
 
 log = logging.getLogger(__name__)
@@ -213,6 +212,8 @@ class HttpServer:
         # max_body_bytes: larger declared bodies get 413 unread; the servers pass --max-message-bytes
         # max_inflight_bytes: request bytes all running requests may hold; None: 4 largest bodies
         # header_timeout_s: a request's headers must be complete this long after its first byte
+        from common.guard import HttpGuard  # here: common.guard imports common.rpc, which imports this module
+
         guarded = HttpGuard(app, max_body_bytes, max_inflight_bytes or 4 * max_body_bytes,
                             serve_metrics if metrics else None)
         config = uvicorn.Config(guarded, host=host, port=port, lifespan="off", log_level="warning",
