@@ -313,7 +313,7 @@ _RPC_PATH = re.compile(r"/[A-Za-z_][\w]*(\.[A-Za-z_]\w*)+/[A-Za-z_]\w*")
 _LARGE = 1 << 20  # a request whose body may exceed this hands freed memory back to the OS when it ends
 
 
-def _content_types_help(content_type: str) -> str:
+def _content_types_help(content_type: str | None) -> str:
     if content_type in UNARY_TYPES:
         return (f"content-type {content_type!r} is for unary methods; this method streams its response: send "
                 "application/connect+json or application/connect+proto, each message in a 5-byte envelope "
@@ -321,9 +321,11 @@ def _content_types_help(content_type: str) -> str:
     if content_type in STREAM_TYPES:
         return (f"content-type {content_type!r} is for streaming methods; this method is unary: send "
                 "application/json or application/proto")
-    shown = content_type[:80] if content_type else "(none)"
-    return (f"unsupported content-type {shown!r}: use application/json or application/proto for unary methods, "
-            "application/connect+json or application/connect+proto (5-byte enveloped messages) for streaming ones")
+    use = ("use application/json or application/proto for unary methods, application/connect+json or "
+           "application/connect+proto (5-byte enveloped messages) for streaming ones")
+    if content_type is None:
+        return use[0].upper() + use[1:]
+    return f"unsupported content-type {content_type[:80] or '(none)'!r}: {use}"
 
 
 def _release_freed_memory() -> None:
@@ -382,7 +384,7 @@ class HttpGuard:
             log.warning("refused %s from %s: content-type %r is gRPC, which this HTTP/1.1 Connect port does not "
                         "serve (use the gRPC port)", scope["path"][:100], client, content_type[:80])
             return await _plain(send, 415, f"content-type {content_type[:80]!r}: gRPC is served on the server's gRPC "
-                                "port; this port speaks Connect. " + _content_types_help("") + "\n",
+                                "port; this port speaks Connect. " + _content_types_help(None) + "\n",
                                 [(b"accept-post", ", ".join(UNARY_TYPES + STREAM_TYPES).encode())])
         if content_type not in CONTENT_TYPES:
             return await _plain(send, 415, _content_types_help(content_type) + "\n",
