@@ -24,7 +24,7 @@ async def start_connect(handler: TrainerHandler, config: TrainerConfig, slots: S
                                                 interceptors=[ConnectGuard(config.auth, slots)],
                                                 read_max_bytes=config.max_message_bytes)
     server = HttpServer(route(service_routes([application])), config.host, config.http_port,
-                        ssl=uvicorn_ssl(config.tls))
+                        ssl=uvicorn_ssl(config.tls), max_body_bytes=config.max_message_bytes)
     bound = await server.start()
     announce_connect("trainer", config.host, bound, tls=config.tls.enabled)
     return server
