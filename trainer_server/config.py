@@ -37,6 +37,7 @@ OPTIMIZERS = ("adamw", "sgd")
 SYNC_MODES = ("full", "normal")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MAX_BATCH_SIZE = 65536  # sequences per optimizer step, flag or Train override
+MAX_BETA = 1e4  # KL coefficient, flag or Train override: beta * KL stays far inside float32
 
 
 def flag(default, help: str, *, name: str | None = None, aliases: tuple[str, ...] = (), **argparse_kwargs):
@@ -173,7 +174,7 @@ def _finite(value) -> bool:
 
 TRAINING_CHECKS = {  # field -> (holds, what it must be)
     "variant": (lambda v: v in VARIANTS, f"must be one of {VARIANTS}"),
-    "beta": (lambda v: _finite(v) and v >= 0, "must be finite and >= 0"),
+    "beta": (lambda v: _finite(v) and 0 <= v <= MAX_BETA, f"must be finite and in [0, {MAX_BETA:g}]"),
     "learning_rate": (lambda v: _finite(v) and 0 < v <= 1, "must be in (0, 1]"),
     "batch_size": (lambda v: isinstance(v, int) and 1 <= v <= MAX_BATCH_SIZE, f"must be in [1, {MAX_BATCH_SIZE}]"),
     "horizon": (lambda v: _horizon_ok(v), "must be a positive integer or 'full'"),
