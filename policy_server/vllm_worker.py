@@ -2,15 +2,18 @@
 
 vLLM adds this class's methods to every worker (AsyncEngineArgs.worker_extension_cls), and the
 engine calls them by name through collective_rpc, so no code travels pickled. The update arrives
-as a safetensors file (written by policy_server/vllm_engine.py after common/weights.py checked the
-whole update and its checksum) and goes through the model's own `load_weights`, the hook verl and
-OpenRLHF use: it takes the checkpoint's names (the Hugging Face state dict's), transposes, fuses
-and shards them the way vLLM's loader does at start-up (docs/design.md, "Weights wire format").
-It runs inside vLLM's in-place reload (model_runner.reload_weights), which also redoes what vLLM
-does to weights after loading them: on a CPU, vLLM repacks every linear layer's weight for its
-GEMM kernels and drops the plain tensor, so a bare load_weights would find nothing to copy into.
+as a safetensors file of the model's complete state in checkpoint names (the Hugging Face state
+dict's), written by policy_server/vllm_engine.py after common/weights.py checked the update and
+its checksum (docs/design.md, "Weights wire format").
 
-Imports nothing of vLLM itself: `self` is vLLM's worker, which has `model_runner.model`.
+It goes through vLLM's in-place reload (model_runner.reload_weights), which runs the model's own
+`load_weights` (the hook verl and OpenRLHF use: it transposes, fuses and shards checkpoint tensors
+as vLLM's loader does at start-up) and then redoes, layer by layer, what vLLM does to weights after
+loading them. That is why the whole state travels: a layer only part of whose tensors arrive is
+rebuilt with the rest uninitialized, and on a CPU vLLM repacks every linear layer's weight for its
+GEMM kernels and drops the plain tensor, so nothing else would hold the missing part.
+
+Imports nothing of vLLM at module level: `self` is vLLM's worker, which has `model_runner`.
 """
 
 from __future__ import annotations
@@ -18,10 +21,16 @@ from __future__ import annotations
 
 class WeightLoader:
     def load_update(self, path: str) -> int:
-        """Load every tensor of the file at `path` into this worker's model; returns the count."""
+        """Reload this worker's model from the full state at `path`; returns the tensor count."""
         from safetensors.torch import load_file
+        from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
         tensors = load_file(path)  # {checkpoint name: tensor}, on the CPU
         self.model_runner.reload_weights(weights_iterator=iter(tensors.items()), is_checkpoint_format=True)
+        # A tied LM head loads nothing of its own (its weight is the embedding's), so the reload
+        # leaves its kernel state alone; on a CPU that state is a packed copy of the old embedding.
+        # Rebuild it from the weight every embedding-shaped layer now holds.
+        for module in self.model_runner.model.modules():
+            if isinstance(module, VocabParallelEmbedding) and module.weight.numel():
+                module.quant_method.process_weights_after_loading(module)
         return len(tensors)
-
