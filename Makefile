@@ -131,7 +131,7 @@ test-integration: setup model vllm
 	$(PY) -m pytest -q -rs tests/labelstudio/test_labelstudio_integration.py $(PYTEST_ARGS)
 	POLICY_ENGINES=vllm $(PY) -m pytest -q -rs $(VLLM_CONTRACT) $(PYTEST_ARGS)
 
-bench: setup model
+bench: setup model vllm
 	$(PY) -m bench $(BENCH_ARGS)
 
 # Many concurrent clients generating and submitting for a fixed time against real servers on

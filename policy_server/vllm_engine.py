@@ -1,10 +1,12 @@
 """The policy engine on vLLM (`python -m policy_server --engine vllm`): the same contract as the
 Hugging Face engine (policy_server/engine.py), with vLLM's AsyncLLM doing the model work.
 
-Everything a request is checked against, the tokenizer side (Tokenize, AlignSpans, pieces, stop
-strings, finish reasons) and the events a stream carries are the Hugging Face engine's own code,
-inherited; only the model side differs. vLLM is imported here and nowhere else, so the default
-path needs none of it; `load` says how to install it when it is missing.
+VllmEngine is engine.py's Engine with VllmScheduler in place of scheduler.py's Scheduler: every
+check a request passes, Tokenize, AlignSpans, and the events a stream carries (`Scheduler._emit`:
+text pieces, stop strings, finish reasons) are the Hugging Face engine's own code, inherited; only
+the model work differs. vLLM is imported here (and in vllm_worker.py, inside vLLM's workers) and
+nowhere else, so the default path needs none of it; config.py refuses `--engine vllm` where it is
+not installed, naming `make vllm`.
 
 Generate: one AsyncLLM request per stream, `logprobs_mode="raw_logprobs"`, streamed in deltas.
 - logprob, rank, alternatives: vLLM's raw (temperature 1, untruncated) logprobs of the sampled
@@ -24,6 +26,8 @@ Differences from the Hugging Face engine (README, "The policy server on vLLM"):
   tokens as the Hugging Face engine: vLLM samples with its own random streams.
 - rank counts the tokens whose logprob is >= the sampled token's (vLLM's), not > it: the two
   differ only for exactly tied logprobs.
+- logprobs agree with the Hugging Face engine's on the same weights within 1e-3, not bit for bit
+  (float32; vLLM's kernels sum in another order).
 - Score needs prompt + completion < the model's length (vLLM wants room for one new token);
   the Hugging Face engine takes prompt + completion <= the model's length.
 - candidate_token_ids in Score ask vLLM for the whole row of prompt logprobs (V floats per token).

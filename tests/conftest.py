@@ -72,19 +72,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
-VLLM_VENV_SCRIPT = ROOT / "scripts" / "vllm_venv.sh"
 VLLM_START_S = 900.0  # vLLM's engine core and worker start in ~1-4 min on a loaded 2-core machine
 
 
 def vllm_python() -> Path:
-    """The python of the vLLM venv (.cache/vllm-venv), building it first when it is missing (what
-    `make vllm` does; many minutes the first time, instant after)."""
-    import subprocess
+    """The vLLM venv's python, built first when missing (common/process.py)."""
+    from common.process import vllm_python as built
 
-    done = subprocess.run(["bash", str(VLLM_VENV_SCRIPT)], cwd=ROOT, capture_output=True, text=True, timeout=3600)
-    if done.returncode != 0:
-        raise RuntimeError(f"{VLLM_VENV_SCRIPT} failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    return Path(done.stdout.strip().splitlines()[-1])
+    return built(ROOT)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 import tokenfeedback.v1.policy_pb2 as pb
 import tokenfeedback.v1.policy_pb2_grpc as pb_grpc
 from tests.conftest import ROOT
-from tests.policy.conftest import VLLM_TEST_TIMEOUT_S, generate, tokens_of, update_messages
+from tests.policy.conftest import VLLM_TEST_TIMEOUT_S, generate, rpc_error, tokens_of, update_messages
 
 # vLLM's kernels and the Hugging Face forward differ in summation order: float32 logprobs of the
 # same weights agree to this (README, "The policy server on vLLM").
@@ -114,6 +114,19 @@ def test_update_waits_for_the_running_stream_and_matches_hf(servers, tiny_model_
     for v, h in zip(on_vllm.tokens, on_hf.tokens, strict=True):
         assert abs(v.logprob - h.logprob) < LOGPROB_TOL
     assert abs(on_vllm.total_logprob - before.total_logprob) > 0.1  # the weights did change
+
+
+def test_score_needs_room_for_one_more_token_on_vllm(servers):
+    """The one limit that differs: vLLM scores prompt + completion only below the model's length."""
+    vllm, hf, _ = servers
+    length = vllm.GetModelInfo(pb.GetModelInfoRequest()).max_length
+    prompt, completion = [5] * 8, [7] * (length - 8)
+    full = pb.ScoreRequest(prompt_token_ids=prompt, completion_token_ids=completion)
+    assert len(hf.Score(full, timeout=300).tokens) == length - 8
+    err = rpc_error(vllm.Score, full, timeout=300)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "completion_token_ids" in err.details()
+    one_less = pb.ScoreRequest(prompt_token_ids=prompt, completion_token_ids=completion[:-1])
+    assert len(vllm.Score(one_less, timeout=300).tokens) == length - 9
 
 
 def test_without_vllm_the_server_says_how_to_install_it(tiny_model_dir):
