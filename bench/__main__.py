@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-MODULES = ("kernels", "policy", "engines", "trainer")
+MODULES = ("kernels", "policy", "engines", "trainer", "ingest")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
