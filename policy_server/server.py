@@ -21,6 +21,7 @@ import sys
 from common.auth import log_auth_summary
 from common.connect import HttpServer
 from common.guard import ConnectGuard, GrpcGuard, StreamSlots
+from common.metrics import watch_policy
 from common.process import announce
 from common.rpc import ServerOptions, create_grpc_server, install_signal_handlers, set_serving
 from common.tls import server_credentials
@@ -75,6 +76,7 @@ class PolicyServer:
         engine = await asyncio.to_thread(engine_class.load, self.config.engine_config())
         engine.start()
         self.engine = self.handler.engine = engine
+        watch_policy(engine)  # its state at every /metrics scrape (common/metrics.py)
         await set_serving(self.health, [SERVICE_NAME], True)
         info = engine.model_info()
         log.info("serving %s: vocab %d, max length %d, %s on %s, %d tensors (%.1f MB)", info.model_name,
