@@ -50,6 +50,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
@@ -59,6 +60,7 @@ import torch
 
 from common.errors import Aborted, InvalidArgument, ResourceExhausted, Unavailable
 from common.hf import LoadedModel, resolve_dtype
+from common.metrics import policy_meter
 from common.spans import IncrementalDecoder, pieces_from_ids
 from common.weights import WeightAccumulator, aliases, dtype_name, tensor_nbytes
 from policy_server.api import GenerationStart, ModelInfo, ScoredToken, ScoreRequest, ScoreResult, UpdateResult
@@ -86,6 +88,7 @@ class VllmScheduler(Scheduler):
         self.vocab_size = vocab_size
         self.device = torch.device("cpu")  # where SamplerState keeps its generator (only its seed is used)
         self._piece_texts: dict[int, str] = {}  # token id -> text decoded alone (alternatives)
+        self.meter = policy_meter()  # tokens, first tokens, update durations (common/metrics.py)
         self.version = 0
         self.steps = 0  # tokens sampled (vLLM's steps are its own)
         self._closing = False
@@ -125,6 +128,11 @@ class VllmScheduler(Scheduler):
     @property
     def running(self) -> int:
         return self._active
+
+    @property
+    def queued(self) -> int:
+        """Calls waiting for admission (vLLM queues what it cannot batch yet on its own side)."""
+        return self._inflight - self._active
 
     # ---- admission ----------------------------------------------------------------------------
 
@@ -270,8 +278,10 @@ class VllmScheduler(Scheduler):
                 if target <= self.version:
                     raise Aborted(f"the server moved to version {self.version} meanwhile; target {target} is stale",
                                   "header.target_version")
+                started = time.perf_counter()
                 await load()
-                await self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+                await self.llm.reset_prefix_cache()
+                self.meter.update.observe(time.perf_counter() - started)  # cached KV blocks were computed by the old weights
                 log.info("weights: version %d -> %d", self.version, target)
                 self.version = target
             finally:
