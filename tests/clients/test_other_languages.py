@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from common.process import ServerProcess, start_server
+from tokenfeedback import launch
 
 ROOT = Path(__file__).resolve().parents[2]
 TS = ROOT / "clients" / "typescript"
@@ -35,9 +35,8 @@ pytestmark = pytest.mark.slow
 
 
 @dataclass
-class Servers:
-    policy: ServerProcess
-    trainer: ServerProcess
+class Servers(launch.Servers):
+    """The launcher's pair, with the environment and logs a client suite needs."""
 
     def env(self, **extra: str) -> dict[str, str]:
         """The environment a client suite runs in: the servers' addresses, and nothing stale."""
@@ -50,24 +49,9 @@ class Servers:
         return (f"--- policy server log (tail) ---\n{self.policy.log_tail(40)}\n"
                 f"--- trainer log (tail) ---\n{self.trainer.log_tail(40)}")
 
-    def stop(self) -> None:
-        self.trainer.stop()
-        self.policy.stop()
-
 
 def start_servers(model: Path, data: Path) -> Servers:
-    policy = start_server("policy_server", ["--model", str(model), "--port", "0", "--host", "127.0.0.1"],
-                          name="policy", cwd=ROOT)
-    try:
-        trainer = start_server(
-            "trainer_server",
-            ["--model", str(model), "--data", str(data), "--port", "0", "--host", "127.0.0.1", "--policy", policy.address],
-            name="trainer", cwd=ROOT,
-        )
-    except Exception:
-        policy.stop()
-        raise
-    return Servers(policy, trainer)
+    return Servers(*launch.start_servers(model, data, args=["--host", "127.0.0.1"], cwd=ROOT).processes)
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str], servers: Servers | None, timeout: float = 600) -> str:
@@ -208,22 +192,12 @@ def secure_servers(built, tiny_model_dir, tmp_path_factory):
     for name, token in (("annotator", ANNOTATOR_TOKEN), ("admin", ADMIN_TOKEN)):
         (folder / name).write_text(token + "\n")
         (folder / name).chmod(0o600)
-    secure = ["--port", "0", "--host", "127.0.0.1", "--tls-cert", str(certs.server_cert), "--tls-key",
-              str(certs.server_key), "--annotator-token-file", str(folder / "annotator"), "--admin-token-file",
-              str(folder / "admin")]
-    credentials = channel_credentials(certs.ca)
-    policy = start_server("policy_server", ["--model", str(tiny_model_dir), *secure], name="policy", cwd=ROOT,
-                          credentials=credentials)
-    try:
-        trainer = start_server(
-            "trainer_server", ["--model", str(tiny_model_dir), "--data", str(folder / "data"), *secure, "--policy",
-                               policy.address, "--policy-tls-ca", str(certs.ca), "--policy-token-file",
-                               str(folder / "admin")],
-            name="trainer", cwd=ROOT, credentials=credentials)
-    except Exception:
-        policy.stop()
-        raise
-    both = SecureServers(policy, trainer, ca=certs.ca, other_ca=certs.other_ca)
+    secure = ["--host", "127.0.0.1", "--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key),
+              "--annotator-token-file", str(folder / "annotator"), "--admin-token-file", str(folder / "admin")]
+    started = launch.start_servers(
+        tiny_model_dir, folder / "data", args=secure, cwd=ROOT, credentials=channel_credentials(certs.ca),
+        trainer_args=["--policy-tls-ca", str(certs.ca), "--policy-token-file", str(folder / "admin")])
+    both = SecureServers(*started.processes, ca=certs.ca, other_ca=certs.other_ca)
     yield both
     both.stop()
 
