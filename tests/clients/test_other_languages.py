@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenfeedback import launch
+from tokenfeedback import PolicyClient, TrainerClient, launch
 
 ROOT = Path(__file__).resolve().parents[2]
 TS = ROOT / "clients" / "typescript"
@@ -30,6 +30,9 @@ GO = ROOT / "clients" / "go"
 DEMO_MODEL = ROOT / "data" / "demo-model"
 VECTORS = ROOT / "tests" / "vectors" / "annotations.json"
 GO_PACKAGE = "tokenfeedback.dev/clients/go"
+# What the example programs correct: a given completion known to be wrong, and the right one.
+EXAMPLE_PROMPT = "Paris is the capital of"
+EXAMPLE_COMPLETIONS = (" Canada.", " France.")
 
 pytestmark = pytest.mark.slow
 
@@ -121,10 +124,31 @@ def test_typescript_client(servers):
     ], output[-4000:]
 
 
+def check_example_annotation(output: str, servers: Servers, language: str, credentials=None, token=None) -> None:
+    """The example submitted exactly the intended correction: the given wrong completion, its
+    first token that differs from the right one marked bad (-1), the right one's token there as
+    the replacement. Never a judgement of the model's own output."""
+    match = re.search(rf"^submitted (example-{language}-\S+): status 1 rows 2$", output, re.M)
+    assert match, output
+    options = dict(root_certificates=credentials, tls=True if credentials else None, token=token)
+    with PolicyClient(servers.policy.address, **options) as policy, \
+            TrainerClient(servers.trainer.address, **options) as trainer:
+        wrong, right = (policy.score(EXAMPLE_PROMPT, text) for text in EXAMPLE_COMPLETIONS)
+        stored = trainer.get_annotation(match.group(1))
+    wrong_ids, right_ids = [t.token_id for t in wrong.tokens], [t.token_id for t in right.tokens]
+    at = next(i for i, (a, b) in enumerate(zip(wrong_ids, right_ids, strict=False)) if a != b)
+    assert list(stored.prompt_token_ids) == list(wrong.prompt_token_ids)
+    assert list(stored.completion_token_ids) == wrong_ids
+    rows = [(r.position, r.token_id, r.weight, r.replacement) for r in stored.rows]
+    assert rows == [(at, wrong_ids[at], -1.0, False), (at, right_ids[at], 1.0, True)], (rows, output)
+    assert re.search(rf'^bad token:  #{at} ".*" id {wrong_ids[at]} .*; replacement ".*" id {right_ids[at]} ', output, re.M), output
+
+
 def test_typescript_example(servers):
     output = run(["node", "dist/examples/feedback.js"], TS, servers.env(), servers)
-    assert re.search(r"^submitted example-ts-\S+: status 1 rows [12]$", output, re.M), output
+    check_example_annotation(output, servers, "ts")
     assert re.search(r"^step 1/1: loss \S+", output, re.M) and re.search(r"^done: model version \d+", output, re.M), output
+    assert re.search(r'^logprob of ".*" \S+ -> \S+, of ".*" \S+ -> \S+$', output, re.M), output
 
 
 def test_typescript_vectors(demo_servers):
@@ -154,8 +178,9 @@ def test_go_client(servers):
 
 def test_go_example(servers):
     output = run(["gopath/bin/example"], GO, servers.env(), servers)
-    assert re.search(r"^submitted example-go-\S+: status 1 rows [12]$", output, re.M), output
+    check_example_annotation(output, servers, "go")
     assert re.search(r"^step 1/1: loss \S+", output, re.M) and re.search(r"^done: model version \d+", output, re.M), output
+    assert re.search(r'^logprob of ".*" \S+ -> \S+, of ".*" \S+ -> \S+$', output, re.M), output
 
 
 def test_go_vectors(demo_servers):
@@ -218,7 +243,8 @@ def test_example_over_tls_with_tokens(secure_servers, language):
     first call fails with a clear error."""
     done = run_example(language, secure_servers.env(token=ADMIN_TOKEN))
     assert done.returncode == 0, f"{done.stdout[-4000:]}\n{secure_servers.logs()}"
-    assert re.search(r"^submitted example-\S+: status 1 rows [12]$", done.stdout, re.M), done.stdout
+    check_example_annotation(done.stdout, secure_servers, "ts" if language == "typescript" else "go",
+                             credentials=secure_servers.ca.read_bytes(), token=ADMIN_TOKEN)
     assert re.search(r"^done: model version [1-9]\d*", done.stdout, re.M), done.stdout
     refusals = [(ANNOTATOR_TOKEN, None, r"permission.denied|PERMISSION_DENIED"),
                 (None, None, r"unauthenticated|UNAUTHENTICATED"),
