@@ -1,4 +1,5 @@
-"""`tokenfeedback generate`: sample a completion and stream it token by token, coloured by probability; --save keeps it for annotating."""
+"""`tokenfeedback generate`: sample a completion and stream it token by token, coloured by
+probability; --save keeps it for annotating."""
 
 from __future__ import annotations
 
