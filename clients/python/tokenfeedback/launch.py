@@ -103,11 +103,13 @@ def start_server(
     cwd: str | Path | None = None,
     wait_healthy: bool = True,
     credentials: grpc.ChannelCredentials | None = None,
+    python: str | Path | None = None,
 ) -> ServerProcess:
     """Run `python -m module args...`, wait for its listening line and (optionally) SERVING health
     (over TLS with `credentials` when the server has --tls-cert; health needs no token).
+    `python`: the interpreter to run it with (another venv's, e.g. vLLM's); default this one.
     Raises LaunchError (the process killed) when either does not come within `timeout`."""
-    cmd = [sys.executable, "-u", "-m", module, *args]
+    cmd = [str(python or sys.executable), "-u", "-m", module, *args]
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
