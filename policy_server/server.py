@@ -70,7 +70,10 @@ class PolicyServer:
 
     async def load(self) -> Engine:
         """Load the model (off the event loop), start the scheduler, report SERVING."""
-        engine = await asyncio.to_thread(Engine.load, self.config.engine_config())
+        engine_class = Engine
+        if self.config.engine == "vllm":  # imported only here: the default path needs nothing of vLLM
+            from policy_server.vllm_engine import VllmEngine as engine_class
+        engine = await asyncio.to_thread(engine_class.load, self.config.engine_config())
         engine.start()
         self.engine = self.handler.engine = engine
         watch_policy(engine)  # its state at every /metrics scrape (common/metrics.py)
