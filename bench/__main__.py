@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-MODULES = ("kernels", "policy", "trainer")
+MODULES = ("kernels", "policy", "trainer", "ingest")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
