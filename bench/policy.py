@@ -112,6 +112,24 @@ def _params(pb_or_api, tokens: int, seed: int):
     return pb_or_api(max_new_tokens=tokens, seed=seed, temperature=1.0, stop_on_eos=False)
 
 
+async def _concurrently(streams: int, open_stream, is_token) -> tuple[float, float, int]:
+    """(seconds, mean time to the first token, tokens) of `streams` event streams read at once;
+    `open_stream(i)` starts stream i, `is_token(event)` tells its token events."""
+
+    async def read(i: int) -> tuple[float, int]:
+        first, count = None, 0
+        async for event in open_stream(i):
+            if is_token(event):
+                count += 1
+                first = first or time.perf_counter()
+        return first, count
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(read(i) for i in range(streams)))
+    seconds = time.perf_counter() - start
+    return seconds, statistics.mean(f - start for f, _ in results), sum(c for _, c in results)
+
+
 class InProcess:
     """The project's engine, called from an asyncio loop in this process (no transport)."""
 
@@ -128,19 +146,11 @@ class InProcess:
         from policy_server.api import GenerateRequest, TokenEvent
         from policy_server.sampling import SamplingParams
 
-        async def one(i: int):
+        def one(i: int):
             request = GenerateRequest(prompt_text=PROMPTS[i % len(PROMPTS)], params=_params(SamplingParams, tokens, i))
-            first, count = None, 0
-            async for event in self.engine.generate(request):
-                if isinstance(event, TokenEvent):
-                    count += 1
-                    first = first or time.perf_counter()
-            return first, count
+            return self.engine.generate(request)
 
-        start = time.perf_counter()
-        results = await asyncio.gather(*(one(i) for i in range(streams)))
-        seconds = time.perf_counter() - start
-        return seconds, statistics.mean(f - start for f, _ in results), sum(c for _, c in results)
+        return await _concurrently(streams, one, lambda event: isinstance(event, TokenEvent))
 
     def pids(self) -> tuple[int, ...]:
         return ()
@@ -173,20 +183,11 @@ class OverGrpc:
             stub = pb_grpc.PolicyServiceStub(channel)
             await stub.GetModelInfo(pb.GetModelInfoRequest())  # connection up before the clock starts
 
-            async def one(i: int):
-                request = pb.GenerateRequest(prompt_text=PROMPTS[i % len(PROMPTS)],
-                                             params=_params(pb.SamplingParams, tokens, i))
-                first, count = None, 0
-                async for event in stub.Generate(request):
-                    if event.WhichOneof("event") == "token":
-                        count += 1
-                        first = first or time.perf_counter()
-                return first, count
+            def one(i: int):
+                return stub.Generate(pb.GenerateRequest(prompt_text=PROMPTS[i % len(PROMPTS)],
+                                                        params=_params(pb.SamplingParams, tokens, i)))
 
-            start = time.perf_counter()
-            results = await asyncio.gather(*(one(i) for i in range(streams)))
-            seconds = time.perf_counter() - start
-        return seconds, statistics.mean(f - start for f, _ in results), sum(c for _, c in results)
+            return await _concurrently(streams, one, lambda event: event.WhichOneof("event") == "token")
 
     def pids(self) -> tuple[int, ...]:
         return (self.server.proc.pid,)
