@@ -87,6 +87,10 @@ class Engine:
     def running(self) -> int:
         return self.scheduler.running
 
+    @property
+    def queued(self) -> int:
+        return self.scheduler.queued
+
     # ---- life cycle ---------------------------------------------------------------------------
 
     def start(self) -> None:

@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -28,6 +29,7 @@ import torch
 from transformers import DynamicCache
 
 from common.errors import ResourceExhausted, ServiceError, Unavailable, quote
+from common.metrics import policy_meter
 from common.spans import IncrementalDecoder
 from policy_server.api import (
     Alternative,
@@ -99,6 +101,7 @@ class _Sequence:
     decoder: IncrementalDecoder
     version: int = 0
     completion_ids: list[int] = field(default_factory=list)
+    queued_at: float = field(default_factory=time.monotonic)  # for the time to first token
 
     @property
     def params(self):
@@ -168,6 +171,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.steps = 0  # decoding forwards run (for benchmarks and tests)
         self.prefills = 0  # prefill forwards run (one per group of prompts prefilled together)
+        self.meter = policy_meter()  # tokens and first tokens (common/metrics.py)
 
     def warm_up(self) -> None:
         """One prefill, one batched step and one removal: fails at load, not on the first request,
@@ -205,6 +209,11 @@ class Scheduler:
     @property
     def running(self) -> int:
         return sum(len(b) for b in self._batches.values())
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a decoding slot."""
+        return len(self._pending)
 
     # ---- what the engine hands in ----------------------------------------------------------------
 
@@ -406,6 +415,9 @@ class Scheduler:
         sequence.completion_ids.append(sample.token_id)
         params = sequence.params
         count = len(sequence.completion_ids)
+        self.meter.tokens.inc()
+        if count == 1:
+            self.meter.first_token.observe(time.monotonic() - sequence.queued_at)
         finish = None
         if params.stop_on_eos and sample.token_id in self.eos_ids:
             finish = FinishReason.EOS
