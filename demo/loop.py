@@ -7,8 +7,9 @@ One run (`run_arm`):
 1. start the policy and trainer servers (real subprocesses on 127.0.0.1, health-checked);
 2. measure the policy (demo/measure.py): factual error rate on the fixed eval prompts, held-out
    perplexity, distinct-2;
-3. rounds of online feedback: sample `budget` completions of random eval-set questions from the
-   current policy over the stream, let the simulated annotator (demo/annotator.py) judge them,
+3. rounds of online feedback: sample `budget` completions of random eval-set questions (the
+   multi-fact ones by default: "Facts about Kenya:") from the current policy over the stream, let
+   the simulated annotator (demo/annotator.py) judge them,
    submit the labelled ones through the Python client, train `steps` optimizer steps (replaying
    earlier annotations once the new ones are used), publish, measure again;
 4. report round by round; write JSON and a PNG plot; stop both servers.
@@ -49,16 +50,21 @@ class ArmConfig:
     rounds: int = 8  # rounds of sample -> annotate -> train -> publish -> measure
     budget: int = 64  # completions the annotator looks at per round (the annotation budget)
     steps: int = 16  # optimizer steps per round
-    form: str = "token"  # annotator form: "token" (spans + replacements) or "sequence" (one reward)
-    replacements: bool = True  # token form: bad spans carry the right capital as replacement
-    good_share: float = 0.25  # token form: share of right answers marked good
+    form: str = "token"  # annotator form: token (spans + replacements) | sequence | graded | rft (demo/annotator.py)
+    replacements: bool = True  # token form: bad spans carry the right value as replacement
+    good_share: float = 0.25  # token form: share of right facts marked good
+    miss_rate: float = 0.0  # annotator: share of wrong facts taken for right
+    false_mark_rate: float = 0.0  # annotator: share of right facts taken for wrong
+    wrong_replacement_rate: float = 0.0  # annotator: share of marked wrong facts given a wrong replacement
+    questions: str = "multi"  # which eval prompts the annotated completions answer: multi | single | all
     variant: str = "unlikelihood"  # likelihood | unlikelihood | pg_clip
     beta: float = 0.1  # KL coefficient (start value when kl_target is set)
     kl_target: float | None = None  # adaptive beta holding the KL near this (None: fixed beta)
     learning_rate: float = 1e-4  # AdamW step size (1e-3 overshoots: error rate and perplexity rise)
     batch_size: int = 16  # sequences per step
-    horizon: str = "1"  # credit assignment (DESIGN.md "Horizon"); "full" = sequence level
+    horizon: str = "1"  # credit assignment (docs/design.md, "Horizon"); "full" = sequence level
     gamma: float = 1.0  # discount over the horizon
+    baseline: bool = False  # pg_clip: subtract the batch-mean return (REINFORCE with a baseline)
     online: bool = True  # False: sample the whole budget from the initial model at once
     seed: int = 0  # sampling, annotator and trainer seed
     measure: MeasureConfig = field(default_factory=MeasureConfig)
@@ -69,13 +75,19 @@ class ArmConfig:
                  "--seed", str(self.seed), "--sync", "normal", "--threads", "1"]
         if self.kl_target is not None:
             flags += ["--kl-target", str(self.kl_target)]
+        if self.baseline:
+            flags += ["--baseline"]
         return flags
+
+    def annotator(self) -> AnnotatorConfig:
+        return AnnotatorConfig(self.form, self.good_share, self.replacements, self.miss_rate, self.false_mark_rate,
+                               self.wrong_replacement_rate, self.seed)
 
 
 def run_arm(cfg: ArmConfig, log=print) -> dict:
     """Run one arm end to end against real servers; returns its record (config and rounds)."""
     truth, held = load_truth(cfg.model), heldout(cfg.model)
-    annotator = SimulatedAnnotator(truth, AnnotatorConfig(cfg.form, cfg.good_share, cfg.replacements, cfg.seed))
+    annotator = SimulatedAnnotator(truth, cfg.annotator())
     rng = random.Random(cfg.seed)
     record = {"config": asdict(cfg), "rounds": []}
     t0 = time.perf_counter()
@@ -104,7 +116,10 @@ def run_arm(cfg: ArmConfig, log=print) -> dict:
 
 def _annotate_round(policy, trainer, annotator, held, rng, r: int, count: int, cfg: ArmConfig, used: dict):
     """Sample `count` completions of random eval questions, annotate, submit; update `used`."""
-    questions = [rng.choice(held.eval_prompts) for _ in range(count)]
+    pool = held.eval_prompts if cfg.questions == "all" else held.of_slice(cfg.questions)
+    if not pool:
+        raise ValueError(f"questions={cfg.questions!r}: the model's heldout.json has no such eval prompts")
+    questions = [rng.choice(pool) for _ in range(count)]
     completions = sample_many(policy, [q.prompt for q in questions], samples=1,
                               seed=cfg.seed * 1_000_003 + 10_007 * r, max_new_tokens=cfg.measure.max_new_tokens,
                               concurrency=cfg.measure.concurrency)
@@ -114,7 +129,7 @@ def _annotate_round(policy, trainer, annotator, held, rng, r: int, count: int, c
         if judgement.labels is None:
             continue
         sequences.append(completion.annotate(f"{cfg.name}-s{cfg.seed}-r{r}-{i}", annotator_id="simulated",
-                                             metadata={"verdict": judgement.verdict.outcome}, **judgement.labels))
+                                             metadata={"verdict": judgement.outcome}, **judgement.labels))
     results = trainer.submit(sequences) if sequences else []
     bad = [res for res in results if res.status != trainer_pb2.SUBMIT_STATUS_ACCEPTED]
     if bad:
@@ -164,8 +179,9 @@ def _round(r: int, used: dict, measured: dict, train: dict) -> dict:
 
 def _summary(row: dict, name: str) -> str:
     kl = row.get("train_final_kl")
-    return (f"[{name}] round {row['round']}: error rate {row['error_rate']:.1%} "
-            f"(wrong-fact prompts {row['wrong_fact_error_rate']:.1%}, held-out phrasings "
+    return (f"[{name}] round {row['round']}: error rate {row['error_rate']:.1%} of multi-fact facts "
+            f"({row['sequence_error_rate']:.1%} of completions; single-fact slice {row['single_error_rate']:.1%}, "
+            f"wrong-fact prompts {row['wrong_fact_error_rate']:.1%}, held-out phrasings "
             f"{row['generalization_error_rate']:.1%}), held-out perplexity {row['heldout_perplexity']:.3f}, "
             f"distinct-2 {row['distinct2']:.3f}, KL {'-' if kl is None else f'{kl:.4f}'}, "
             f"{row['annotated_sequences']} sequences seen, {row['token_rows']} token rows, "
@@ -183,27 +199,28 @@ def _eos_id(policy: PolicyClient) -> int:
 # ---- make demo ---------------------------------------------------------------------------------
 
 
-def check_targets(record: dict) -> list[str]:
-    """The demo's acceptance targets (issue 6): last error rate <= a quarter of the first, held-out
-    perplexity up by no more than 10%. Returns the targets missed."""
+def check_targets(record: dict, error_factor: float = 10.0, perplexity_factor: float = 1.02) -> list[str]:
+    """The demo's acceptance targets: the last error rate at most 1/error_factor of the first, the
+    held-out perplexity at most perplexity_factor times the first. Returns the targets missed."""
     first, last = record["rounds"][0], record["rounds"][-1]
     missed = []
-    if not last["error_rate"] <= first["error_rate"] / 4:
+    if not last["error_rate"] <= first["error_rate"] / error_factor:
         missed.append(f"error rate {first['error_rate']:.1%} -> {last['error_rate']:.1%} (target <= "
-                      f"{first['error_rate'] / 4:.1%})")
-    if not last["heldout_perplexity"] <= 1.10 * first["heldout_perplexity"]:
+                      f"{first['error_rate'] / error_factor:.1%})")
+    if not last["heldout_perplexity"] <= perplexity_factor * first["heldout_perplexity"]:
         missed.append(f"held-out perplexity {first['heldout_perplexity']:.3f} -> {last['heldout_perplexity']:.3f} "
-                      f"(target <= {1.1 * first['heldout_perplexity']:.3f})")
+                      f"(target <= {perplexity_factor * first['heldout_perplexity']:.3f})")
     return missed
 
 
 def plot_demo(record: dict, path: Path) -> Path:
     rows = record["rounds"]
     x = [r["annotated_sequences"] for r in rows]
-    return plot_lines(path, "make demo: token-level feedback on the capital-facts model",
+    return plot_lines(path, "make demo: token-level feedback on the multi-fact model",
                       "annotated sequences (seen by the annotator)", "rate / relative perplexity", {
-                          "factual error rate (eval prompts)": (x, [r["error_rate"] for r in rows], None),
-                          "error rate, wrong-fact prompts": (x, [r["wrong_fact_error_rate"] for r in rows], None),
+                          "facts wrong, multi-fact prompts": (x, [r["error_rate"] for r in rows], None),
+                          "completions with a wrong fact": (x, [r["sequence_error_rate"] for r in rows], None),
+                          "facts wrong, single-fact prompts": (x, [r["single_error_rate"] for r in rows], None),
                           "error rate, held-out phrasings": (x, [r["generalization_error_rate"] for r in rows], None),
                           "held-out perplexity / start": (
                               x, [r["heldout_perplexity"] / rows[0]["heldout_perplexity"] for r in rows], None),
@@ -225,6 +242,15 @@ def arm_arguments(parser: argparse.ArgumentParser, defaults: ArmConfig = ArmConf
     a("--form", default=defaults.form, choices=FORMS, help="annotation form (default %(default)s)")
     a("--horizon", default=defaults.horizon, help="credit-assignment horizon: integer or 'full'")
     a("--gamma", type=float, default=defaults.gamma, help="discount over the horizon (default %(default)s)")
+    a("--baseline", action="store_true", help="pg_clip: subtract the batch-mean return (REINFORCE with a baseline)")
+    a("--no-replacements", action="store_true", help="token form: bad spans without a replacement")
+    a("--miss-rate", type=float, default=defaults.miss_rate, help="annotator: share of wrong facts left unmarked")
+    a("--false-mark-rate", type=float, default=defaults.false_mark_rate,
+      help="annotator: share of right facts marked wrong")
+    a("--wrong-replacement-rate", type=float, default=defaults.wrong_replacement_rate,
+      help="annotator: share of marked wrong facts given a wrong replacement")
+    a("--questions", default=defaults.questions, choices=("multi", "single", "all"),
+      help="eval prompts the annotated completions answer (default %(default)s)")
     a("--samples", type=int, default=defaults.measure.samples, help="eval samples per prompt")
     a("--seed", type=int, default=defaults.seed, help="seed (default %(default)s)")
 
@@ -234,7 +260,10 @@ def arm_from_args(args: argparse.Namespace, **overrides) -> ArmConfig:
     return replace(base, model=args.model, rounds=args.rounds, budget=args.budget, steps=args.steps,
                    variant=args.variant, beta=args.beta, kl_target=args.kl_target, learning_rate=args.lr,
                    batch_size=args.batch_size, form=args.form, horizon=args.horizon, gamma=args.gamma,
-                   seed=args.seed, measure=replace(base.measure, samples=args.samples), **overrides)
+                   baseline=args.baseline, replacements=not args.no_replacements, miss_rate=args.miss_rate,
+                   false_mark_rate=args.false_mark_rate, wrong_replacement_rate=args.wrong_replacement_rate,
+                   questions=args.questions, seed=args.seed, measure=replace(base.measure, samples=args.samples),
+                   **overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,12 +272,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for demo.json and demo.png")
     parser.add_argument("--require-targets", action="store_true",
                         help="exit 1 when the error rate / perplexity targets are missed")
+    parser.add_argument("--target-error-factor", type=float, default=10.0,
+                        help="target: end error rate <= start / this (default %(default)s)")
+    parser.add_argument("--target-perplexity", type=float, default=1.02,
+                        help="target: end held-out perplexity <= start x this (default %(default)s)")
     args = parser.parse_args(argv)
     cfg = arm_from_args(args)
     print(f"tokenfeedback demo: {cfg.rounds} rounds x {cfg.budget} annotated completions, variant {cfg.variant}, "
           f"beta {cfg.beta}, model {cfg.model}", flush=True)
     record = run_arm(cfg, log=lambda m: print(m, flush=True))
-    missed = check_targets(record)
+    missed = check_targets(record, args.target_error_factor, args.target_perplexity)
     record["targets_missed"] = missed
     json_path = write_json(record, args.out / "demo.json")
     png_path = plot_demo(record, args.out / "demo.png")

@@ -1,8 +1,12 @@
 """Measuring a policy through the policy server, as any client would.
 
-- factual error rate: sample the fixed evaluation prompts (demo_model/prompts.py) at temperature 1
-  and judge each completion against the ground truth; reported over all eval prompts, over the
-  wrong-fact subset (where the corpus itself lied), and over held-out phrasings (generalization);
+- factual error rate: sample the fixed evaluation prompts (demo_model/prompts.py) at temperature 1,
+  judge every fact each completion states against the ground truth, and count the share of facts
+  that are wrong (demo_model/evaluate.py `fact_rates`). `error_rate` is that share on the
+  multi-fact slice, the task the feedback is given on; it is also reported on the single-fact
+  slice, over all eval prompts, over the wrong-fact subset (where the corpus itself lied), and over
+  held-out phrasings (generalization); `sequence_error_rate` is the share of multi-fact
+  completions with at least one wrong fact;
 - held-out perplexity: exp of the mean negative log-likelihood per token of correct sentences that
   never occur in the training corpus, from teacher-forced `Score` calls (each sentence scored
   after an EOS token, as the demo model saw sentences in training);
@@ -19,6 +23,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
+from demo_model.evaluate import fact_rates
 from demo_model.judge import Truth
 from demo_model.prompts import EvalPrompt, Heldout
 from tokenfeedback import Completion, PolicyClient
@@ -27,11 +32,11 @@ from tokenfeedback import Completion, PolicyClient
 @dataclass(frozen=True)
 class MeasureConfig:
     samples: int = 4  # completions per eval prompt
-    max_new_tokens: int = 8  # enough for the longest answer and its full stop
+    max_new_tokens: int = 32  # enough for the longest three-fact completion and its full stop
     temperature: float = 1.0  # the model's own distribution, where the corpus's errors show
     concurrency: int = 16  # streams in flight at once
     seed: int = 1_000_003  # base seed; sample k of prompt i uses seed + 7919 * i + k
-    free_tokens: int = 24  # length of the free-running samples distinct-2 is computed on
+    free_tokens: int = 40  # length of the free-running samples distinct-2 is computed on
     max_prompts: int = 0  # 0: every eval/generalization prompt; else an evenly spaced subset (quick runs)
 
 
@@ -56,13 +61,8 @@ def sample_many(
 
 
 def error_rate(truth: Truth, prompts: Sequence[EvalPrompt], completions: Sequence[Sequence[Completion]]) -> dict:
-    verdicts = [truth.judge(p.prompt, c.text) for p, cs in zip(prompts, completions, strict=True) for c in cs]
-    n = max(1, len(verdicts))
-    return {
-        "error_rate": sum(v.is_wrong for v in verdicts) / n,
-        "none_rate": sum(v.outcome == "none" for v in verdicts) / n,
-        "samples": len(verdicts),
-    }
+    """`fact_rates` of sampled completions (demo_model/evaluate.py)."""
+    return fact_rates(truth, [(p, [c.text for c in cs]) for p, cs in zip(prompts, completions, strict=True)])
 
 
 def distinct_n(texts: Sequence[str], n: int = 2) -> float:
@@ -93,20 +93,32 @@ def measure(policy: PolicyClient, held: Heldout, truth: Truth, eos_id: int, cfg:
                        concurrency=cfg.concurrency)
     n_eval = len(held.eval_prompts)
     ev, gen = done[:n_eval], done[n_eval:]
-    wrong = [(p, c) for p, c in zip(held.eval_prompts, ev, strict=True) if p.wrong_fact]
+
+    def rates(pairs: list) -> dict:
+        return error_rate(truth, [p for p, _ in pairs], [c for _, c in pairs])
+
+    pairs = list(zip(held.eval_prompts, ev, strict=True))
+    multi = rates([(p, c) for p, c in pairs if p.slice == "multi"])
+    single = rates([(p, c) for p, c in pairs if p.slice == "single"])
+    everything = rates(pairs)
     free = sample_many(policy, [p.prompt for p in held.eval_prompts], samples=1, seed=cfg.seed + 1,
                        max_new_tokens=cfg.free_tokens, temperature=cfg.temperature,
                        concurrency=cfg.concurrency, stop=())
     versions = {c.model_version for cs in done for c in cs}
     return {
         "model_version": max(versions),
-        "error_rate": error_rate(truth, held.eval_prompts, ev)["error_rate"],
-        "wrong_fact_error_rate": error_rate(truth, [p for p, _ in wrong], [c for _, c in wrong])["error_rate"],
+        "error_rate": multi["error_rate"],
+        "sequence_error_rate": multi["sequence_error_rate"],
+        "facts_per_completion": multi["facts_per_completion"],
+        "single_error_rate": single["error_rate"],
+        "all_error_rate": everything["error_rate"],
+        "wrong_fact_error_rate": rates([(p, c) for p, c in pairs if p.wrong_fact])["error_rate"],
         "generalization_error_rate": error_rate(truth, held.generalization_prompts, gen)["error_rate"],
-        "none_rate": error_rate(truth, held.eval_prompts, ev)["none_rate"],
+        "none_rate": everything["none_rate"],
         "heldout_perplexity": heldout_perplexity(policy, held.heldout_sentences, eos_id),
         "distinct2": distinct_n([c.text for cs in free for c in cs]),
         "examples": [held.eval_prompts[i].prompt + ev[i][0].text for i in _example_indices(held)],
+        "free_examples": [held.eval_prompts[i].prompt + free[i][0].text for i in _example_indices(held)],
     }
 
 
@@ -118,7 +130,7 @@ def _subset(items: list, count: int) -> list:
 
 
 def _example_indices(held: Heldout, count: int = 3) -> list[int]:
-    """Three fixed eval prompts to show completions of: wrong-fact ones first."""
-    wrong = [i for i, p in enumerate(held.eval_prompts) if p.wrong_fact]
-    rest = [i for i, p in enumerate(held.eval_prompts) if not p.wrong_fact]
-    return (wrong + rest)[:count]
+    """Three fixed eval prompts to show completions of: multi-fact wrong-fact ones first."""
+    order = sorted(range(len(held.eval_prompts)),
+                   key=lambda i: (held.eval_prompts[i].slice != "multi", not held.eval_prompts[i].wrong_fact, i))
+    return order[:count]
