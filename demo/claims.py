@@ -41,7 +41,8 @@ def claim_arms(base: ArmConfig, beta: float, kl_lr: float) -> dict[str, list[Arm
     token = replace(base, name="token h=1", form="token", variant="unlikelihood", horizon="1", gamma=1.0,
                     replacements=True, beta=beta)
     sequence = replace(base, form="sequence", variant="pg_clip", baseline=True, beta=beta)
-    degenerate = replace(token, variant="likelihood", replacements=False, learning_rate=kl_lr, online=False)
+    degenerate = replace(token, variant="likelihood", replacements=False, learning_rate=kl_lr, online=False,
+                         measure=replace(base.measure, full_every=1))  # distinct-2 and perplexity every round
     horizon = []
     for reward, arm in (("token", token), ("sequence", sequence)):
         for h in HORIZONS:
@@ -69,9 +70,9 @@ def degeneration_plot(records: list[dict], names: list[str], path: Path) -> Path
         if name not in names:
             continue
         steps_per_round = runs[0]["config"]["steps"]
-        x, d2, d2_sd = curve(runs, "distinct2")
+        _, d2, d2_sd = curve(runs, "distinct2")
         _, ppl, _ = curve(runs, "heldout_perplexity")
-        steps = [i * steps_per_round for i in range(len(x))]
+        steps = [row["round"] * steps_per_round for row in runs[0]["rounds"] if "distinct2" in row]
         series[f"{name}: distinct-2"] = (steps, d2, d2_sd)
         series[f"{name}: perplexity / start"] = (steps, [p / ppl[0] for p in ppl], None)
     return plot_lines(path, "Degeneration against training steps (KL penalty)", "optimizer steps",

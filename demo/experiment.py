@@ -130,9 +130,11 @@ def by_arm(records: Sequence[dict]) -> dict[str, list[dict]]:
 
 
 def curve(runs: Sequence[dict], key: str) -> tuple[list, list, list]:
-    """x = annotated sequences per round (the same for every seed), y mean and spread over seeds."""
-    x = [row["annotated_sequences"] for row in runs[0]["rounds"]]
-    stats = [mean_std([run["rounds"][i][key] for run in runs]) for i in range(len(x))]
+    """x = annotated sequences per measured round (the same for every seed), y mean and spread
+    over seeds; rounds that did not measure `key` (not fully measured) are left out."""
+    index = [i for i, row in enumerate(runs[0]["rounds"]) if key in row]
+    x = [runs[0]["rounds"][i]["annotated_sequences"] for i in index]
+    stats = [mean_std([run["rounds"][i][key] for run in runs]) for i in index]
     return x, [m for m, _ in stats], [s for _, s in stats]
 
 

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from demo.annotator import FORMS, AnnotatorConfig, SimulatedAnnotator
 from demo.measure import MeasureConfig, measure, sample_many
-from demo.report import plot_lines, write_json
+from demo.report import markdown_table, plot_lines, update_readme, write_json
 from demo.services import running_services
 from demo_model.judge import load_truth
 from demo_model.prompts import heldout
@@ -108,7 +108,9 @@ def run_arm(cfg: ArmConfig, log=print) -> dict:
                 else:
                     train = _train_round(trainer, cfg, r)
                     _wait_for_version(policy, train["published_version"])
-                record["rounds"].append(_round(r, used, measure(policy, held, truth, eos_id, cfg.measure), train))
+                full = r == cfg.rounds or r % max(1, cfg.measure.full_every) == 0
+                record["rounds"].append(_round(r, used, measure(policy, held, truth, eos_id, cfg.measure, full),
+                                               train))
                 log(_summary(record["rounds"][-1], cfg.name))
     record["seconds"] = round(time.perf_counter() - t0, 1)
     return record
@@ -179,13 +181,16 @@ def _round(r: int, used: dict, measured: dict, train: dict) -> dict:
 
 def _summary(row: dict, name: str) -> str:
     kl = row.get("train_final_kl")
-    return (f"[{name}] round {row['round']}: error rate {row['error_rate']:.1%} of multi-fact facts "
-            f"({row['sequence_error_rate']:.1%} of completions; single-fact slice {row['single_error_rate']:.1%}, "
-            f"wrong-fact prompts {row['wrong_fact_error_rate']:.1%}, held-out phrasings "
-            f"{row['generalization_error_rate']:.1%}), held-out perplexity {row['heldout_perplexity']:.3f}, "
-            f"distinct-2 {row['distinct2']:.3f}, KL {'-' if kl is None else f'{kl:.4f}'}, "
-            f"{row['annotated_sequences']} sequences seen, {row['token_rows']} token rows, "
-            f"version {row['model_version']}")
+    text = (f"[{name}] round {row['round']}: error rate {row['error_rate']:.1%} of the facts in multi-fact "
+            f"completions ({row['sequence_error_rate']:.1%} of completions wrong somewhere")
+    if "single_error_rate" in row:
+        text += (f"; single-fact slice {row['single_error_rate']:.1%}, held-out phrasings "
+                 f"{row['generalization_error_rate']:.1%}), held-out perplexity {row['heldout_perplexity']:.3f}, "
+                 f"distinct-2 {row['distinct2']:.3f}")
+    else:
+        text += ")"
+    return (text + f", KL {'-' if kl is None else f'{kl:.4f}'}, {row['annotated_sequences']} sequences seen, "
+            f"{row['token_rows']} token rows, version {row['model_version']}")
 
 
 def _eos_id(policy: PolicyClient) -> int:
@@ -213,6 +218,26 @@ def check_targets(record: dict, error_factor: float = 10.0, perplexity_factor: f
     return missed
 
 
+def demo_table(record: dict, missed: list[str], command: str, error_factor: float = 10.0,
+               perplexity_factor: float = 1.02) -> str:
+    """The demo's rounds as a markdown table, with how it was produced and whether it met its targets."""
+    cfg = record["config"]
+    rows = [[r["round"], r["annotated_sequences"], r["labelled_sequences"], r["token_rows"], f"{r['error_rate']:.1%}",
+             f"{r['sequence_error_rate']:.1%}", f"{r['single_error_rate']:.1%}" if "single_error_rate" in r else "",
+             f"{r['heldout_perplexity']:.3f}" if "heldout_perplexity" in r else "",
+             f"{r['distinct2']:.3f}" if "distinct2" in r else ""] for r in record["rounds"]]
+    table = markdown_table(["round", "annotated seqs", "labelled", "token rows", "facts wrong (multi-fact)",
+                            "completions wrong", "facts wrong (single-fact)", "held-out ppl", "distinct-2"], rows)
+    first, last = record["rounds"][0], record["rounds"][-1]
+    verdict = "met" if not missed else "missed: " + "; ".join(missed)
+    return (f"Produced by `{command}` ({cfg['rounds']} rounds x {cfg['budget']} annotated completions, "
+            f"{cfg['steps']} steps per round, {cfg['variant']}, beta {cfg['beta']}, lr {cfg['learning_rate']}; "
+            f"{record['seconds']:.0f} s on this machine). Error {first['error_rate']:.1%} -> {last['error_rate']:.1%}, "
+            f"held-out perplexity {first['heldout_perplexity']:.3f} -> {last['heldout_perplexity']:.3f}; "
+            f"targets (error <= start / {error_factor:g}, perplexity <= start x {perplexity_factor:g}): "
+            f"{verdict}.\n\n{table}")
+
+
 def plot_demo(record: dict, path: Path) -> Path:
     rows = record["rounds"]
     x = [r["annotated_sequences"] for r in rows]
@@ -220,11 +245,17 @@ def plot_demo(record: dict, path: Path) -> Path:
                       "annotated sequences (seen by the annotator)", "rate / relative perplexity", {
                           "facts wrong, multi-fact prompts": (x, [r["error_rate"] for r in rows], None),
                           "completions with a wrong fact": (x, [r["sequence_error_rate"] for r in rows], None),
-                          "facts wrong, single-fact prompts": (x, [r["single_error_rate"] for r in rows], None),
-                          "error rate, held-out phrasings": (x, [r["generalization_error_rate"] for r in rows], None),
-                          "held-out perplexity / start": (
-                              x, [r["heldout_perplexity"] / rows[0]["heldout_perplexity"] for r in rows], None),
+                          "facts wrong, single-fact prompts": _full(rows, "single_error_rate"),
+                          "facts wrong, held-out phrasings": _full(rows, "generalization_error_rate"),
+                          "held-out perplexity / start": _full(rows, "heldout_perplexity",
+                                                               rows[0]["heldout_perplexity"]),
                       })
+
+
+def _full(rows: list[dict], key: str, scale: float = 1.0) -> tuple[list, list, None]:
+    """A series over the fully measured rounds only."""
+    chosen = [r for r in rows if key in r]
+    return [r["annotated_sequences"] for r in chosen], [r[key] / scale for r in chosen], None
 
 
 def arm_arguments(parser: argparse.ArgumentParser, defaults: ArmConfig = ArmConfig()) -> None:
@@ -251,7 +282,7 @@ def arm_arguments(parser: argparse.ArgumentParser, defaults: ArmConfig = ArmConf
       help="annotator: share of marked wrong facts given a wrong replacement")
     a("--questions", default=defaults.questions, choices=("multi", "single", "all"),
       help="eval prompts the annotated completions answer (default %(default)s)")
-    a("--samples", type=int, default=defaults.measure.samples, help="eval samples per prompt")
+    a("--samples", type=int, default=defaults.measure.samples, help="eval samples per multi-fact prompt")
     a("--seed", type=int, default=defaults.seed, help="seed (default %(default)s)")
 
 
@@ -276,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="target: end error rate <= start / this (default %(default)s)")
     parser.add_argument("--target-perplexity", type=float, default=1.02,
                         help="target: end held-out perplexity <= start x this (default %(default)s)")
+    parser.add_argument("--readme", action="store_true",
+                        help="also write the round-by-round table into README.md between the `demo` markers")
     args = parser.parse_args(argv)
     cfg = arm_from_args(args)
     print(f"tokenfeedback demo: {cfg.rounds} rounds x {cfg.budget} annotated completions, variant {cfg.variant}, "
@@ -290,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{first['heldout_perplexity']:.3f} -> {last['heldout_perplexity']:.3f}, "
           f"{last['labelled_sequences']} labelled sequences, {last['token_rows']} token rows, {record['seconds']} s")
     print("targets: " + ("met" if not missed else "missed: " + "; ".join(missed)))
+    if args.readme:
+        update_readme("demo", demo_table(record, missed, " ".join(["python -m demo", *(argv or sys.argv[1:])]),
+                                         args.target_error_factor, args.target_perplexity))
     print(f"wrote {json_path} and {png_path}")
     return 1 if (missed and args.require_targets) else 0
 

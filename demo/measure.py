@@ -10,8 +10,8 @@
 - held-out perplexity: exp of the mean negative log-likelihood per token of correct sentences that
   never occur in the training corpus, from teacher-forced `Score` calls (each sentence scored
   after an EOS token, as the demo model saw sentences in training);
-- distinct-2: distinct bigrams over all bigrams of longer free-running completions (one per eval
-  prompt, no stop string; degeneration shows as a collapse of this number).
+- distinct-2: distinct bigrams over all bigrams of longer free-running completions (one per
+  multi-fact eval prompt, no stop string; degeneration shows as a collapse of this number).
 
 Generations run concurrently (the policy server batches them into one forward per step).
 """
@@ -31,7 +31,10 @@ from tokenfeedback import Completion, PolicyClient
 
 @dataclass(frozen=True)
 class MeasureConfig:
-    samples: int = 4  # completions per eval prompt
+    samples: int = 6  # completions per multi-fact eval prompt (the error rate the comparisons read)
+    single_samples: int = 1  # completions per single-fact eval prompt and per generalization prompt
+    full_every: int = 1  # rounds between full measurements (single-fact slice, perplexity, distinct-2);
+    # the first and last rounds are always full, the others measure the multi-fact error rate only
     max_new_tokens: int = 32  # enough for the longest three-fact completion and its full stop
     temperature: float = 1.0  # the model's own distribution, where the corpus's errors show
     concurrency: int = 16  # streams in flight at once
@@ -82,44 +85,49 @@ def heldout_perplexity(policy: PolicyClient, sentences: Sequence[str], eos_id: i
     return math.exp(total / count)
 
 
-def measure(policy: PolicyClient, held: Heldout, truth: Truth, eos_id: int, cfg: MeasureConfig) -> dict:
-    """Everything the demo reports about one policy version."""
+def measure(policy: PolicyClient, held: Heldout, truth: Truth, eos_id: int, cfg: MeasureConfig,
+            full: bool = True) -> dict:
+    """Everything the demo reports about one policy version. `full=False` measures only the
+    multi-fact error rates (the curve the comparisons read), for the rounds between full ones."""
     if cfg.max_prompts:
         held = replace(held, eval_prompts=_subset(held.eval_prompts, cfg.max_prompts),
                        generalization_prompts=_subset(held.generalization_prompts, cfg.max_prompts))
-    prompts = held.eval_prompts + held.generalization_prompts
-    done = sample_many(policy, [p.prompt for p in prompts], samples=cfg.samples, seed=cfg.seed,
-                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                       concurrency=cfg.concurrency)
-    n_eval = len(held.eval_prompts)
-    ev, gen = done[:n_eval], done[n_eval:]
+    multi_prompts = held.of_slice("multi")
+    if not multi_prompts:
+        raise ValueError("the model's heldout.json has no multi-fact eval prompts: rebuild it (make model)")
 
-    def rates(pairs: list) -> dict:
-        return error_rate(truth, [p for p, _ in pairs], [c for _, c in pairs])
+    def run(prompts: list[EvalPrompt], samples: int, seed: int, **kw) -> list[list[Completion]]:
+        return sample_many(policy, [p.prompt for p in prompts], samples=samples, seed=seed,
+                           max_new_tokens=kw.pop("max_new_tokens", cfg.max_new_tokens),
+                           temperature=cfg.temperature, concurrency=cfg.concurrency, **kw)
 
-    pairs = list(zip(held.eval_prompts, ev, strict=True))
-    multi = rates([(p, c) for p, c in pairs if p.slice == "multi"])
-    single = rates([(p, c) for p, c in pairs if p.slice == "single"])
-    everything = rates(pairs)
-    free = sample_many(policy, [p.prompt for p in held.eval_prompts], samples=1, seed=cfg.seed + 1,
-                       max_new_tokens=cfg.free_tokens, temperature=cfg.temperature,
-                       concurrency=cfg.concurrency, stop=())
-    versions = {c.model_version for cs in done for c in cs}
-    return {
-        "model_version": max(versions),
-        "error_rate": multi["error_rate"],
-        "sequence_error_rate": multi["sequence_error_rate"],
-        "facts_per_completion": multi["facts_per_completion"],
-        "single_error_rate": single["error_rate"],
-        "all_error_rate": everything["error_rate"],
-        "wrong_fact_error_rate": rates([(p, c) for p, c in pairs if p.wrong_fact])["error_rate"],
-        "generalization_error_rate": error_rate(truth, held.generalization_prompts, gen)["error_rate"],
-        "none_rate": everything["none_rate"],
+    multi = run(multi_prompts, cfg.samples, cfg.seed)
+    rates = error_rate(truth, multi_prompts, multi)
+    wrong = [(p, c) for p, c in zip(multi_prompts, multi, strict=True) if p.wrong_fact]
+    shown = _example_indices(multi_prompts)
+    row = {
+        "model_version": max(c.model_version for cs in multi for c in cs),
+        "error_rate": rates["error_rate"],
+        "sequence_error_rate": rates["sequence_error_rate"],
+        "facts_per_completion": rates["facts_per_completion"],
+        "none_rate": rates["none_rate"],
+        "wrong_fact_error_rate": error_rate(truth, [p for p, _ in wrong], [c for _, c in wrong])["error_rate"],
+        "examples": [multi_prompts[i].prompt + multi[i][0].text for i in shown],
+    }
+    if not full:
+        return row
+    single_prompts = held.of_slice("single")
+    single = run(single_prompts, cfg.single_samples, cfg.seed + 2)
+    general = run(held.generalization_prompts, cfg.single_samples, cfg.seed + 3)
+    free = run(multi_prompts, 1, cfg.seed + 1, max_new_tokens=cfg.free_tokens, stop=())
+    row.update({
+        "single_error_rate": error_rate(truth, single_prompts, single)["error_rate"],
+        "generalization_error_rate": error_rate(truth, held.generalization_prompts, general)["error_rate"],
         "heldout_perplexity": heldout_perplexity(policy, held.heldout_sentences, eos_id),
         "distinct2": distinct_n([c.text for cs in free for c in cs]),
-        "examples": [held.eval_prompts[i].prompt + ev[i][0].text for i in _example_indices(held)],
-        "free_examples": [held.eval_prompts[i].prompt + free[i][0].text for i in _example_indices(held)],
-    }
+        "free_examples": [multi_prompts[i].prompt + free[i][0].text for i in shown],
+    })
+    return row
 
 
 def _subset(items: list, count: int) -> list:
@@ -129,8 +137,6 @@ def _subset(items: list, count: int) -> list:
     return [items[i * len(items) // count] for i in range(count)]
 
 
-def _example_indices(held: Heldout, count: int = 3) -> list[int]:
-    """Three fixed eval prompts to show completions of: multi-fact wrong-fact ones first."""
-    order = sorted(range(len(held.eval_prompts)),
-                   key=lambda i: (held.eval_prompts[i].slice != "multi", not held.eval_prompts[i].wrong_fact, i))
-    return order[:count]
+def _example_indices(prompts: list[EvalPrompt], count: int = 3) -> list[int]:
+    """Three fixed prompts to show completions of: wrong-fact ones first."""
+    return sorted(range(len(prompts)), key=lambda i: (not prompts[i].wrong_fact, i))[:count]
