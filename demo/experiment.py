@@ -36,13 +36,16 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from demo.loop import RESULTS, ArmConfig, arm_arguments, arm_from_args, run_arm
+from demo.measure import MeasureConfig
 from demo.report import markdown_table, mean_std, plot_lines, update_readme, write_json
 
 RUNS = RESULTS / "runs"  # one JSON per finished run, keyed by its configuration (see run_grid)
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "experiment"
 # The comparison's budget: enough rounds for the token-level arm to reach a tenth of the start
 # error, so that "annotations to /10" can be read off for it and sought for the others.
-GRID_DEFAULTS = ArmConfig(rounds=8, budget=48, steps=12, learning_rate=1e-4)
+# Fully measured (single-fact slice, perplexity, distinct-2) at rounds 0, 4 and 8; the multi-fact
+# error rate every round, from 4 samples per prompt.
+GRID_DEFAULTS = ArmConfig(rounds=8, budget=64, steps=20, measure=MeasureConfig(samples=4, full_every=4))
 # Annotator settings: name -> (miss rate, false-mark rate, wrong-replacement rate).
 ANNOTATORS = {"perfect": (0.0, 0.0, 0.0), "realistic": (0.15, 0.05, 0.05)}
 FRACTIONS = (2, 4, 10)  # annotations to reach start / k are reported for these k
@@ -230,12 +233,13 @@ def headline(records: Sequence[dict], setting: str = "perfect") -> tuple[str, li
     token = f"{TOKEN_ARM} [{setting}]"
     best = best_sequence_arm(grouped, setting)
     names = [n for n in (token, best) if n is not None and n in grouped]
-    header = ["arm", "seeds", "annotated seqs to /10 of start error", "error start", "error end",
-              "held-out ppl start", "held-out ppl end"]
+    header = ["arm", "seeds", *[f"annotated seqs to /{k} of start error" for k in FRACTIONS], "error start",
+              "error end", "held-out ppl start", "held-out ppl end"]
     rows = []
     for name in names:
         runs = grouped[name]
-        rows.append([name, len(runs), reach_cell(runs, 10), pm([r["rounds"][0]["error_rate"] for r in runs]),
+        rows.append([name, len(runs), *[reach_cell(runs, k) for k in FRACTIONS],
+                     pm([r["rounds"][0]["error_rate"] for r in runs]),
                      pm([r["rounds"][-1]["error_rate"] for r in runs]),
                      pm([r["rounds"][0]["heldout_perplexity"] for r in runs]),
                      pm([r["rounds"][-1]["heldout_perplexity"] for r in runs])])
