@@ -107,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         wanted = {n.strip() for n in args.only.split(",")}
         comparisons = {t: a for t, a in comparisons.items() if t.split(".")[0] in wanted}
     unique = list({arm.name: arm for arms in comparisons.values() for arm in arms}.values())
+    # Arms `make experiment` also runs (same configuration, same cache entry) go last, so that
+    # when both commands run at once the other has usually finished them.
+    shared = {"token h=1", "sequence reward h=full gamma=1"}
+    unique.sort(key=lambda arm: arm.name in shared)
     print(f"claims: {len(unique)} distinct arms x {len(seeds)} seeds, {base.rounds} rounds x {base.budget} "
           f"annotated sequences", flush=True)
     t0 = time.perf_counter()

@@ -43,9 +43,9 @@ RUNS = RESULTS / "runs"  # one JSON per finished run, keyed by its configuration
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "experiment"
 # The comparison's budget: enough rounds for the token-level arm to reach a tenth of the start
 # error, so that "annotations to /10" can be read off for it and sought for the others.
-# Fully measured (single-fact slice, perplexity, distinct-2) at rounds 0, 4 and 8; the multi-fact
+# Fully measured (single-fact slice, perplexity, distinct-2) at the first and last rounds; the multi-fact
 # error rate every round, from 4 samples per prompt.
-GRID_DEFAULTS = ArmConfig(rounds=8, budget=64, steps=20, measure=MeasureConfig(samples=4, full_every=4))
+GRID_DEFAULTS = ArmConfig(rounds=8, budget=64, steps=20, measure=MeasureConfig(samples=4, full_every=8))
 # Annotator settings: name -> (miss rate, false-mark rate, wrong-replacement rate).
 ANNOTATORS = {"perfect": (0.0, 0.0, 0.0), "realistic": (0.15, 0.05, 0.05)}
 FRACTIONS = (2, 4, 10)  # annotations to reach start / k are reported for these k
