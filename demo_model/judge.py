@@ -8,7 +8,7 @@ reads the completion's first sentence (up to the first ".", "!", "?" or newline)
 name of the asked kind, and says whether it is the right one, a wrong one, or none.
 
 For a wrong answer the verdict carries the character span of the wrong name in the completion
-(Unicode code points, half-open, as DESIGN.md's span rules use) and the right answer's text, so an
+(Unicode code points, half-open, docs/design.md, "Spans") and the right answer's text, so an
 annotator can mark the span bad and offer the right name as its replacement (`corrected` gives
 the completion with the replacement applied, which the policy server tokenizes in context).
 """
