@@ -80,6 +80,8 @@ def is_sequence_level(arm_name: str) -> bool:
 def run_key(arm: ArmConfig) -> str:
     """What determines a run's outcome (everything but its display name), as a short hash."""
     config = asdict(replace(arm, name=""))
+    if config["lr_decay"] == 1.0:  # the default keys as before the field existed
+        del config["lr_decay"]
     config["model_build"] = _model_fingerprint(arm.model)
     return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -90,14 +92,21 @@ def _model_fingerprint(model: str) -> str:
 
 
 def run_grid(arms: Sequence[ArmConfig], seeds: Sequence[int], log=print, jobs: int = 1,
-             cache: Path | None = RUNS) -> list[dict]:
+             cache: Path | None = RUNS, cached_only: bool = False) -> list[dict]:
     """Each arm at each seed; returns one record per (arm, seed) with `arm` and `seed` set.
 
     Runs are independent (each starts its own servers), so `jobs` of them can run at once. A run
     whose configuration was already run (by `make experiment`, `make claims` or an earlier,
     interrupted attempt) is read back from `cache` instead of being run again; delete the folder
-    to rerun everything."""
+    to rerun everything. `cached_only`: run nothing, return the cached records only (and log
+    which are missing), to report a grid that has not finished."""
     work = [replace(arm, seed=seed) for arm in arms for seed in seeds]
+    if cached_only:
+        assert cache is not None, "cached_only needs a cache folder"
+        missing = [a for a in work if not (cache / f"{run_key(a)}.json").is_file()]
+        for arm in missing:
+            log(f"not run yet (left out): {arm.name}, seed {arm.seed}")
+        work = [a for a in work if a not in missing]
     t0, finished = time.perf_counter(), 0
 
     def one(arm: ArmConfig) -> dict:
@@ -276,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one seed, one round, small budget: a pipeline check")
     parser.add_argument("--out", type=Path, default=DOCS, help="folder for experiment.json and the plots")
     parser.add_argument("--no-readme", action="store_true", help="do not write the tables into README.md")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="run nothing: report the runs already cached (a grid that has not finished)")
     args = parser.parse_args(argv)
     base = arm_from_args(args)
     seeds = list(range(args.seeds))
@@ -288,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     t0 = time.perf_counter()
     records = run_grid(arms, seeds, log=lambda m: print(m, flush=True), jobs=args.jobs,
-                       cache=None if args.quick else RUNS)
+                       cache=None if args.quick else RUNS, cached_only=args.cached_only)
+    missing = [f"{a.name} (seed {s})" for a in arms for s in seeds
+               if sum(r["arm"] == a.name and r["seed"] == s for r in records) == 0]
     head_table, head_names, verdict = headline(records)
     head_records = [r for r in records if r["arm"] in head_names]
     start = mean_std([r["rounds"][0]["error_rate"] for r in head_records])[0]
@@ -297,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     sections = []
     for setting in ANNOTATORS:
         chosen = [r for r in records if r["arm"].endswith(f"[{setting}]")]
+        if not chosen:
+            continue
         plot_error(chosen, args.out / f"experiment-{setting}.png", f"Feedback forms, {setting} annotator",
                    guide=start / 10)
         sections.append(f"#### {setting} annotator\n\n{summary_table(chosen)}")
@@ -304,10 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     write_json({"arms": [a.name for a in arms], "seeds": seeds, "annotators": ANNOTATORS,
                 "headline": {"arms": head_names, "verdict": verdict, "realistic_verdict": realistic_verdict},
                 "records": records}, args.out / "experiment.json")
-    command = "make experiment" + (" QUICK=1" if args.quick else "")
+    command = "make experiment" + (" QUICK=1" if args.quick else "") + (
+        " DEMO_ARGS=--cached-only" if args.cached_only else "")
     about = (f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}: {len(seeds)} seed(s), {base.rounds} rounds "
              f"x {base.budget} annotated sequences per arm, {base.steps} steps per round, mean ± sd over seeds; "
              f"error = share of the facts stated in sampled multi-fact completions that are wrong.")
+    if missing:
+        about += (f" **Incomplete grid**: {len(missing)} of {len(arms) * len(seeds)} runs had not finished and are "
+                  f"left out: {'; '.join(missing)}.")
     head_body = (f"{about}\n\n{head_table}\n\n{verdict}\n\nWith the realistic annotator (15% misses, 5% false "
                  f"marks, 5% wrong replacements): {realistic_verdict}\n\n![headline](docs/experiment/headline.png)")
     body = about + " Plots: `docs/experiment/experiment-perfect.png`, `docs/experiment/experiment-realistic.png`.\n\n" \
