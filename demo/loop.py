@@ -21,6 +21,7 @@ on for the same number of steps (the offline arm of `make claims`).
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import time
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from demo.annotator import FORMS, AnnotatorConfig, SimulatedAnnotator
 from demo.measure import MeasureConfig, measure, sample_many
-from demo.report import markdown_table, plot_lines, update_readme, write_json
+from demo.report import README, markdown_table, plot_lines, update_readme, write_json
 from demo.services import running_services
 from demo_model.judge import load_truth
 from demo_model.prompts import heldout
@@ -234,8 +235,9 @@ def demo_table(record: dict, missed: list[str], command: str, error_factor: floa
     first, last = record["rounds"][0], record["rounds"][-1]
     verdict = "met" if not missed else "missed: " + "; ".join(missed)
     return (f"Produced by `{command}` ({cfg['rounds']} rounds x {cfg['budget']} annotated completions, "
-            f"{cfg['steps']} steps per round, {cfg['variant']}, beta {cfg['beta']}, lr {cfg['learning_rate']}; "
-            f"{record['seconds']:.0f} s on this machine). Error {first['error_rate']:.1%} -> {last['error_rate']:.1%}, "
+            f"{cfg['steps']} steps per round, {cfg['variant']}, beta {cfg['beta']}, lr {cfg['learning_rate']} "
+            f"decaying x{cfg.get('lr_decay', 1.0):g} per round; {record['seconds']:.0f} s wall time on this "
+            f"machine, shared). Error {first['error_rate']:.1%} -> {last['error_rate']:.1%}, "
             f"held-out perplexity {first['heldout_perplexity']:.3f} -> {last['heldout_perplexity']:.3f}; "
             f"targets (error <= start / {error_factor:g}, perplexity <= start x {perplexity_factor:g}): "
             f"{verdict}.\n\n{table}")
@@ -321,11 +323,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="target: end held-out perplexity <= start x this (default %(default)s)")
     parser.add_argument("--readme", action="store_true",
                         help="also write the round-by-round table into README.md between the `demo` markers")
+    parser.add_argument("--render", type=Path, default=None,
+                        help="run nothing: report (and with --readme, write into README) a demo.json already recorded")
     args = parser.parse_args(argv)
+    if args.render is not None:
+        return render(args)
     cfg = arm_from_args(args)
     print(f"tokenfeedback demo: {cfg.rounds} rounds x {cfg.budget} annotated completions, variant {cfg.variant}, "
           f"beta {cfg.beta}, model {cfg.model}", flush=True)
     record = run_arm(cfg, log=lambda m: print(m, flush=True))
+    record["command"] = " ".join(["python -m demo", *(sys.argv[1:] if argv is None else argv)])
     missed = check_targets(record, args.target_error_factor, args.target_perplexity)
     record["targets_missed"] = missed
     json_path = write_json(record, args.out / "demo.json")
@@ -336,9 +343,23 @@ def main(argv: list[str] | None = None) -> int:
           f"{last['labelled_sequences']} labelled sequences, {last['token_rows']} token rows, {record['seconds']} s")
     print("targets: " + ("met" if not missed else "missed: " + "; ".join(missed)))
     if args.readme:
-        update_readme("demo", demo_table(record, missed, " ".join(["python -m demo", *(argv or sys.argv[1:])]),
-                                         args.target_error_factor, args.target_perplexity))
+        update_readme("demo", demo_table(record, missed, record["command"], args.target_error_factor,
+                                         args.target_perplexity))
     print(f"wrote {json_path} and {png_path}")
+    return 1 if (missed and args.require_targets) else 0
+
+
+def render(args: argparse.Namespace) -> int:
+    """--render: the report of a recorded demo.json (its plot next to it, its table into README)."""
+    record = json.loads(args.render.read_text(encoding="utf-8"))
+    missed = check_targets(record, args.target_error_factor, args.target_perplexity)
+    table = demo_table(record, missed, record.get("command", "python -m demo"), args.target_error_factor,
+                       args.target_perplexity)
+    png = plot_demo(record, args.render.with_suffix(".png"))
+    print(table)
+    if args.readme:
+        update_readme("demo", table + f"\n\n![make demo]({png.relative_to(README.parent)})"
+                      if png.is_relative_to(README.parent) else table)
     return 1 if (missed and args.require_targets) else 0
 
 
