@@ -6,7 +6,7 @@ part of it that is wrong: `sequences[3] (annotation_id='a-17').token_labels[0].p
 engine validates a whole request first and stores nothing when any sequence fails (unless the
 client asked for partial acceptance).
 
-Span labels follow DESIGN.md, "Spans from labeling tools", through common/spans.py (the same
+Span labels follow docs/design.md, "Spans", through common/spans.py (the same
 rules the policy server's AlignSpans applies). Labels are merged per position: a position judged
 twice must be judged with the same weight (overlapping spans with the same weight are merged
 into one span first), otherwise the sequence is rejected as conflicting.
@@ -16,52 +16,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from common import spans as spanlib
-from common.errors import InvalidArgument
-from trainer_server.rows import Annotation, merge_token_rewards
+from common.errors import InvalidArgument, quote
+from trainer_server.api import SequenceInput
+from trainer_server.rows import MAX_ABS_WEIGHT, MIN_BEHAVIOR_LOGPROB, Annotation, merge_token_rewards
 
 MAX_ID_CHARS = 200  # annotation_id / annotator_id length limit
 MAX_METADATA_BYTES = 64 * 1024  # all metadata keys + values, UTF-8
-# Texts are capped before tokenizing at max_seq_len * this many characters (issue 7: no request may
+# Texts are capped before tokenizing at max_seq_len * this many characters (docs/design.md, "Errors and limits": no request may
 # cost more work than the longest sequence the trainer accepts); no tokenizer packs more per token.
 MAX_CHARS_PER_TOKEN = 64
-
-
-@dataclass(frozen=True)
-class TokenLabelInput:
-    position: int
-    weight: float
-    replacement_token_id: int | None = None
-    replacement_weight: float | None = None
-
-
-@dataclass(frozen=True)
-class SpanLabelInput:
-    start: int
-    end: int
-    weight: float
-    replacement_text: str | None = None
-    text: str = ""  # the tool's copy of the spanned text, "" when not given
-
-
-@dataclass(frozen=True)
-class SequenceInput:
-    """One submitted annotated sequence (AnnotatedSequence in trainer.proto)."""
-
-    annotation_id: str
-    prompt_text: str = ""
-    prompt_token_ids: Sequence[int] = ()
-    completion_text: str = ""
-    completion_token_ids: Sequence[int] = ()
-    model_version: int = 0
-    behavior_logprobs: Sequence[float] = ()
-    token_labels: Sequence[TokenLabelInput] = ()
-    span_labels: Sequence[SpanLabelInput] = ()
-    sequence_reward: float | None = None
-    annotator_id: str = ""
-    metadata: dict[str, str] = field(default_factory=dict)
+def weight_problem(value: float, positive: bool = False) -> str | None:
+    """Why `value` cannot be a weight or reward (None: it can): finite, |value| <= MAX_ABS_WEIGHT,
+    and > 0 when `positive`."""
+    bound = f"(0, {MAX_ABS_WEIGHT:g}]" if positive else f"[-{MAX_ABS_WEIGHT:g}, {MAX_ABS_WEIGHT:g}]"
+    low_ok = value > 0 if positive else value >= -MAX_ABS_WEIGHT
+    if math.isfinite(value) and low_ok and value <= MAX_ABS_WEIGHT:
+        return None
+    return f"must be finite and in {bound}, got {quote(value)}"
 
 
 def sequence_field(index: int, annotation_id: str) -> str:
@@ -115,13 +88,18 @@ class Validator:
                     "behavior_logprobs",
                     f"must have one value per completion token ({len(completion)}), got {len(seq.behavior_logprobs)}",
                 )
-            for i, value in enumerate(seq.behavior_logprobs):
-                if not (math.isfinite(value) and value <= 0):
-                    raise fail(f"behavior_logprobs[{i}]", f"must be a finite log-probability <= 0, got {value}")
-            behavior = tuple(float(v) for v in seq.behavior_logprobs)
+            values = seq.behavior_logprobs
+            # fast path: a finite sum (no NaN or inf anywhere) and both ends within the bound
+            if not (values and math.isfinite(sum(values)) and min(values) >= MIN_BEHAVIOR_LOGPROB
+                    and max(values) <= 0):
+                for i, value in enumerate(values):
+                    if not (math.isfinite(value) and MIN_BEHAVIOR_LOGPROB <= value <= 0):
+                        raise fail(f"behavior_logprobs[{i}]",
+                                   f"must be a log-probability in [{MIN_BEHAVIOR_LOGPROB:g}, 0], got {quote(value)}")
+            behavior = tuple(map(float, values))
 
-        if seq.sequence_reward is not None and not math.isfinite(seq.sequence_reward):
-            raise fail("sequence_reward", f"must be finite, got {seq.sequence_reward}")
+        if seq.sequence_reward is not None and (problem := weight_problem(seq.sequence_reward)):
+            raise fail("sequence_reward", problem)
         if not seq.token_labels and not seq.span_labels and seq.sequence_reward is None:
             raise fail("token_labels", "no labels: give token_labels, span_labels or a sequence_reward")
 
@@ -149,8 +127,8 @@ class Validator:
                            f"must be in [0, {len(completion)}) (the completion's tokens), got {label.position}")
             if any(other.position == label.position for other in seq.token_labels[:j]):
                 raise fail(f"{name}.position", f"position {label.position} is labeled twice")
-            if not math.isfinite(label.weight):
-                raise fail(f"{name}.weight", f"must be finite, got {label.weight}")
+            if problem := weight_problem(label.weight):
+                raise fail(f"{name}.weight", problem)
             judge(label.position, float(label.weight), name)
             if label.replacement_token_id is not None:
                 token = label.replacement_token_id
@@ -161,8 +139,8 @@ class Validator:
                 weight = label.replacement_weight
                 if weight is None:
                     weight = abs(label.weight) or 1.0
-                elif not (math.isfinite(weight) and weight > 0):
-                    raise fail(f"{name}.replacement_weight", f"must be finite and > 0, got {weight}")
+                elif problem := weight_problem(weight, positive=True):
+                    raise fail(f"{name}.replacement_weight", problem)
                 replace(label.position, int(token), float(weight), name)
             elif label.replacement_weight is not None:
                 raise fail(f"{name}.replacement_weight", "given without a replacement_token_id")
@@ -208,10 +186,12 @@ class Validator:
                 raise fail(name, f"{size} long; at most {limit} (the trainer's --max-seq-len {self.max_seq_len})")
 
     def _check_ids(self, ids: Sequence[int], name: str, fail) -> list[int]:
-        for i, token in enumerate(ids):
-            if not 0 <= token < self.vocab_size:
-                raise fail(f"{name}[{i}]", f"token id must be in [0, {self.vocab_size}), got {token}")
-        return [int(t) for t in ids]
+        ids = list(ids)
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):  # then find the first one outside
+            for i, token in enumerate(ids):
+                if not 0 <= token < self.vocab_size:
+                    raise fail(f"{name}[{i}]", f"token id must be in [0, {self.vocab_size}), got {token}")
+        return ids
 
     def _prompt_ids(self, seq: SequenceInput, fail) -> list[int]:
         """Prompt ids win when given (the policy server streamed them); else the text is tokenized."""
@@ -250,13 +230,13 @@ class Validator:
         return self._check_ids(ids, "completion_text", fail)
 
     def _span_rows(self, seq: SequenceInput, prompt, completion, judge, replace, fail) -> None:
-        """Span labels -> judged positions and replacement rows (DESIGN.md, "Spans")."""
+        """Span labels -> judged positions and replacement rows (docs/design.md, "Spans")."""
         text, pieces = spanlib.pieces_from_ids(self.tokenizer, completion, context_ids=prompt)
         resolved = []  # (start, end, label index)
         for k, label in enumerate(seq.span_labels):
             name = f"span_labels[{k}]"
-            if not math.isfinite(label.weight):
-                raise fail(f"{name}.weight", f"must be finite, got {label.weight}")
+            if problem := weight_problem(label.weight):
+                raise fail(f"{name}.weight", problem)
             try:
                 start, end = spanlib.resolve_span(text, spanlib.Span(label.start, label.end, label.text), "")
             except InvalidArgument as exc:
@@ -293,7 +273,7 @@ class Validator:
                                               label.replacement_text)
                 if row is None:
                     raise fail(f"{name}.replacement_text",
-                               f"{label.replacement_text!r} gives the sampled tokens again (nothing to replace)")
+                               f"{quote(label.replacement_text)} gives the sampled tokens again (nothing to replace)")
                 position, token = row
                 if not 0 <= token < self.vocab_size:
                     raise fail(f"{name}.replacement_text", f"tokenizes to id {token} outside the vocabulary")
