@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_MODEL = ROOT / "data" / "demo-model"
-SHORT = ["--rounds", "3", "--budget", "64", "--steps", "16", "--samples", "4"]
+SHORT = ["--rounds", "4", "--budget", "64", "--samples", "4"]  # make demo's other settings
 
 
 @pytest.mark.slow
