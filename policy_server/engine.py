@@ -38,10 +38,12 @@ import torch
 from torch.func import functional_call
 from transformers import DynamicCache
 
+from common.adapters import UpdateAccumulator
 from common.errors import Aborted, InvalidArgument, ResourceExhausted, Unavailable
 from common.hf import LoadedModel, load_causal_lm
 from common.spans import IncrementalDecoder, Span, align_spans, pieces_from_ids, pieces_from_text
 from common.weights import WeightAccumulator, aliases, dtype_name, tensor_nbytes
+from policy_server.adapters import AdapterMerger
 from policy_server.api import (
     AlignResult,
     Alternative,
@@ -168,6 +170,7 @@ class Engine:
         # What an update is checked against: names, dtypes, shapes (meta tensors hold no memory).
         self._specs = {name: torch.empty(t.shape, dtype=t.dtype, device="meta") for name, t in state.items()}
         self._tensor_count, self._parameter_bytes = loaded.parameter_summary()
+        self._adapters = AdapterMerger()  # LoRA updates -> merged weights (common/adapters.py)
         self._cache_kwarg = cache_kwarg(self.model)
         self._piece_texts: dict[int, str] = {}  # token id -> text decoded alone (alternatives)
         # shared with the scheduler thread, under _cond:
@@ -405,8 +408,9 @@ class Engine:
     # ---- UpdateWeights ------------------------------------------------------------------------
 
     def begin_update(self) -> WeightAccumulator:
-        """An accumulator for one update (header, chunks, commit), checked against the model."""
-        return WeightAccumulator(self._specs, self.version, self._canonical,
+        """An accumulator for one update (header, chunks, commit), checked against the model; it
+        takes full tensors or LoRA adapter factors (common/adapters.py)."""
+        return UpdateAccumulator(self._specs, self.version, self._canonical,
                                  max_total_bytes=self.config.max_update_bytes or None)
 
     async def commit_update(self, update: WeightAccumulator, sha256: str) -> UpdateResult:
@@ -414,8 +418,18 @@ class Engine:
         everything is right."""
         tensors = await asyncio.to_thread(update.commit, sha256)
         target = update.target_version
-        version = await self._submit_job(lambda: self._swap(target, tensors))
+        version = await self._submit_job(lambda: self._swap_update(target, tensors))
         return UpdateResult(version, len(tensors), update.bytes_received)
+
+    def _swap_update(self, target: int, tensors: dict[str, torch.Tensor]) -> int:
+        """On the scheduler thread: adapter factors become merged weights, then the swap."""
+        if target <= self.version:  # checked again by _swap; here before any merging work
+            raise Aborted(f"the server moved to version {self.version} meanwhile; target {target} is stale",
+                          "header.target_version")
+        full, base = self._adapters.resolve(tensors, self.model.state_dict())
+        version = self._swap(target, full)
+        self._adapters.applied(base)
+        return version
 
     def _swap(self, target: int, tensors: dict[str, torch.Tensor]) -> int:
         """On the scheduler thread, between steps."""

@@ -56,10 +56,11 @@ class Collective:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def shard(self, count: int) -> slice:
-        """This rank's contiguous part of `count` items (sizes differ by at most one)."""
-        start = self.rank * count // self.world_size
-        stop = (self.rank + 1) * count // self.world_size
+    def shard(self, count: int, rank: int | None = None) -> slice:
+        """This rank's (or `rank`'s) contiguous part of `count` items (sizes differ by at most one)."""
+        rank = self.rank if rank is None else rank
+        start = rank * count // self.world_size
+        stop = (rank + 1) * count // self.world_size
         return slice(start, stop)
 
 
