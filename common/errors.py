@@ -54,6 +54,12 @@ class Aborted(ServiceError):
     code = "ABORTED"
 
 
+class Unimplemented(ServiceError):
+    """This transport does not offer the RPC (e.g. UpdateWeights over Connect)."""
+
+    code = "UNIMPLEMENTED"
+
+
 class Unauthenticated(ServiceError):
     code = "UNAUTHENTICATED"
 

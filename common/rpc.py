@@ -1,25 +1,49 @@
-"""gRPC plumbing shared by both servers: server creation, health, reflection, error mapping.
+"""gRPC plumbing shared by both servers: server creation, health, reflection, error mapping, and
+the binder that serves one handler over both gRPC and Connect.
 
-The servicers stay thin adapters: each method is wrapped by `rpc_method`, which turns the engines'
-`common.errors.ServiceError`s into gRPC status codes (the one place where that mapping lives) and
-any other exception into INTERNAL with a log line, so no bad input ever takes a server down.
+Each RPC is written once, in a *handler*: a plain object with one method per RPC, named in
+snake_case after the proto (GetModelInfo -> get_model_info), that takes the protobuf request and
+returns the protobuf response:
+
+    class PolicyHandler:
+        async def score(self, request: ScoreRequest) -> ScoreResponse: ...
+        async def generate(self, request: GenerateRequest):          # server streaming:
+            yield GenerateEvent(...)                                  #   an async generator
+        async def update_weights(self, requests: AsyncIterator[WeightUpdateMessage]): ...  # client streaming
+
+    servicer = grpc_servicer(handler, policy_pb2.DESCRIPTOR.services_by_name["PolicyService"])
+    policy_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, server)        # gRPC
+    PolicyServiceASGIApplication(connect_service(handler, descriptor))           # Connect
+
+`grpc_servicer` gives the grpc.aio calling convention (`CamelCase(request, context)`, methods
+wrapped by `rpc_method`), `connect_service` Connect's (`snake_case(request, ctx)`, wrapped by
+common/connect.py's `connect_method`); neither adds logic of its own. Errors: a handler raises
+`common.errors.ServiceError`s, which `rpc_method` turns into gRPC status codes (the one place where
+that mapping lives) and `connect_method` into ConnectErrors; any other exception becomes INTERNAL
+with a log line, so no bad input ever takes a server down. An RPC that one transport does not
+offer is named in `unimplemented` ({RPC name: why}): that transport answers UNIMPLEMENTED with
+the reason (docs/design.md, "Servers").
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
+import re
 import signal
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common.errors import ServiceError
+from common.connect import connect_method
+from common.errors import ServiceError, Unimplemented
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +88,62 @@ def rpc_method(fn: Callable) -> Callable:
             await _abort(context, exc, name)
 
     return unary_wrapper
+
+
+# ---- the binder: one handler, two transports --------------------------------------------------
+
+
+def snake_case(rpc: str) -> str:
+    """The handler's (and Connect's) name for an RPC: GetModelInfo -> get_model_info."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", rpc).lower()
+
+
+def _bind(handler: object, descriptor: ServiceDescriptor, unimplemented: Mapping[str, str], wrap: Callable,
+          name: Callable[[str], str], kind: str) -> object:
+    """An object with one `name(rpc)(self, request, context)` method per RPC of `descriptor`, each
+    forwarding the request to the handler's method and wrapped by `wrap` (the error mapping)."""
+    methods = {}
+    for rpc in descriptor.methods:
+        qualname = f"{descriptor.name}.{rpc.name}"
+        if rpc.name in unimplemented:
+            target = functools.partial(_refuse, Unimplemented(unimplemented[rpc.name], rpc.name))
+        else:
+            target = getattr(handler, snake_case(rpc.name), None)
+            if target is None:
+                raise TypeError(f"{type(handler).__name__} has no method {snake_case(rpc.name)} for {qualname}")
+        if rpc.server_streaming and rpc.name not in unimplemented:
+
+            async def method(self, request, context, target=target):
+                async with contextlib.aclosing(target(request)) as items:  # a cancelled call closes the handler's
+                    async for item in items:
+                        yield item
+        else:
+
+            async def method(self, request, context, target=target):
+                return await target(request)
+
+        method.__name__, method.__qualname__ = name(rpc.name), qualname
+        methods[name(rpc.name)] = wrap(method)
+    return type(f"{descriptor.name}{kind}", (), methods)()
+
+
+async def _refuse(error: Unimplemented, request):
+    raise error
+
+
+def grpc_servicer(handler: object, descriptor: ServiceDescriptor, unimplemented: Mapping[str, str] = {}) -> object:
+    """A grpc.aio servicer for `descriptor` (CamelCase(request, context)) over `handler`; pass it to
+    the generated add_*Servicer_to_server."""
+    return _bind(handler, descriptor, unimplemented, rpc_method, lambda rpc: rpc, "Grpc")
+
+
+def connect_service(handler: object, descriptor: ServiceDescriptor, unimplemented: Mapping[str, str] = {}) -> object:
+    """A Connect service for `descriptor` (snake_case(request, ctx)) over `handler`; pass it to the
+    generated *ASGIApplication."""
+    return _bind(handler, descriptor, unimplemented, connect_method, snake_case, "Connect")
+
+
+# ---- the server ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,9 @@ from common.process import announce
 from common.rpc import ServerOptions, create_grpc_server, install_signal_handlers, set_serving
 from common.tls import TlsFiles, add_tls_arguments, server_credentials, tls_from_args
 from policy_server.connect import start_connect
+from policy_server.convert import PolicyHandler
 from policy_server.engine import Engine, EngineConfig
-from policy_server.service import SERVICE_NAME, PolicyService, register
+from policy_server.service import SERVICE_NAME, register
 
 log = logging.getLogger("policy_server")
 
@@ -128,10 +129,10 @@ def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None 
 
 
 async def create_server(config: PolicyServerConfig, slots: StreamSlots | None = None,
-                        ) -> tuple[grpc.aio.Server, int, PolicyService, object]:
+                        ) -> tuple[grpc.aio.Server, int, PolicyHandler, object]:
     """Bind and start serving (health NOT_SERVING, every RPC UNAVAILABLE until `load_into`).
     Every call passes the guard (tokens, stream slots shared with the Connect port, parsing)."""
-    service = PolicyService()
+    service = PolicyHandler()
     options = ServerOptions(host=config.host, port=config.port, max_message_bytes=config.max_message_bytes)
     guard = GrpcGuard(config.auth, slots or config.guard_slots())
     server, port, health = await create_grpc_server(options, [register(service)], [SERVICE_NAME], [guard],
@@ -140,7 +141,7 @@ async def create_server(config: PolicyServerConfig, slots: StreamSlots | None = 
     return server, port, service, health
 
 
-async def load_into(config: PolicyServerConfig, service: PolicyService, health) -> Engine:
+async def load_into(config: PolicyServerConfig, service: PolicyHandler, health) -> Engine:
     """Load the model (off the event loop), start the scheduler, report SERVING."""
     engine = await asyncio.to_thread(Engine.load, config.engine_config())
     engine.start()
@@ -160,7 +161,7 @@ async def serve(config: PolicyServerConfig) -> int:
     announce("policy", config.host, port)
     http = None
     if config.http_port is not None:
-        http = await start_connect(lambda: service.engine, config.host, config.http_port,
+        http = await start_connect(service, config.host, config.http_port,
                                    tls=config.tls, guard=ConnectGuard(config.auth, slots),
                                    max_message_bytes=config.max_message_bytes)
     engine = None
