@@ -77,6 +77,12 @@ class TrainerConfig:
     publish_timeout: float = 120.0  # seconds one UpdateWeights may take before it is retried
     publish_retry: float = 2.0  # seconds between retries to an unreachable policy server
     chunk_bytes: int = 4 * 1024 * 1024  # UpdateWeights chunk size (the proto's limit is 4 MiB)
+    # ---- model size: precision, LoRA, FSDP (trainer_server/model.py; README, "Trainer") ----
+    precision: str = "fp32"  # fp32 | bf16 (mixed: fp32 master weights and optimizer, bf16 autocast compute)
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on a frozen base; publish only them
+    lora_alpha: float = 16.0  # LoRA scaling numerator (the update is alpha / rank * B A)
+    lora_targets: tuple[str, ...] = ()  # module name suffixes to adapt (--lora-targets a,b); empty: PEFT's default
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over the torchrun processes (FSDP2)
     rank: int = 0  # torch.distributed rank (torchrun); rank 0 serves gRPC and owns the store
     world_size: int = 1  # number of data-parallel processes
     # ---- security and limits (issue 7; common/auth.py, common/tls.py, common/guard.py) ----
@@ -125,6 +131,16 @@ class TrainerConfig:
             if not ok:
                 raise ValueError(message)
         parse_horizon(self.horizon)
+        _ = self.model_mode  # builds the ModelMode, which checks --precision and --lora-*
+        if self.fsdp and self.world_size < 2:
+            raise ValueError("--fsdp: shards over torchrun's processes; run it under torchrun --nproc-per-node >= 2")
+
+    @property
+    def model_mode(self):
+        """How the model trains (trainer_server/model.py), from --precision, --lora-*, --fsdp."""
+        from trainer_server.model import ModelMode
+
+        return ModelMode(self.precision, self.lora_rank, self.lora_alpha, self.lora_targets, self.fsdp)
 
     def to_log(self) -> dict:
         """The configuration as plain values, for the start-up log line."""
@@ -205,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default=d.device, help="auto | cpu | cuda[:N] (default %(default)s)")
     a("--dtype", default=d.dtype, help="auto | float32 | bfloat16 | float16 (default %(default)s)")
     a("--threads", type=int, default=d.threads, help="torch threads per process, 0 = torch default")
+    a("--precision", default=d.precision, choices=("fp32", "bf16"),
+      help="fp32, or bf16: bfloat16 autocast with fp32 master weights and optimizer state (default %(default)s)")
+    a("--lora-rank", type=int, default=d.lora_rank,
+      help="train LoRA adapters of this rank on a frozen base and publish only them; 0: full weights")
+    a("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA alpha: the update is alpha/rank * B A (default %(default)s)")
+    a("--lora-targets", default="",
+      help="comma-separated module names to adapt (e.g. q_proj,v_proj); default: PEFT's choice for the model")
+    a("--fsdp", action="store_true",
+      help="under torchrun: shard parameters, gradients and optimizer state over the processes (FSDP2)")
     a("--publish-timeout", type=float, default=d.publish_timeout, help="seconds per UpdateWeights")
     a("--publish-retry", type=float, default=d.publish_retry, help="seconds between publish retries")
     a("--max-message-bytes", type=int, default=d.max_message_bytes, help="gRPC / Connect message size limit")
@@ -248,6 +273,7 @@ def config_from_args(argv: list[str] | None = None, rank: int = 0, world_size: i
         args.pop(name)
     args.update(security)
     policies = tuple(a.strip() for a in args.pop("policy").split(",") if a.strip())
+    args["lora_targets"] = tuple(t.strip() for t in args["lora_targets"].split(",") if t.strip())
     for address in policies:
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():

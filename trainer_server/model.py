@@ -155,16 +155,10 @@ class Prepared:
             return out if leader else {}
         return _full_state(self.policy, leader)
 
-    def load_checkpoint_state(self, state: Mapping[str, torch.Tensor] | None) -> None:
-        """Load what `checkpoint_state` gave. Under FSDP every rank calls it; rank 0's `state` is
-        sent to the others (theirs may be None)."""
+    def load_checkpoint_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load what `checkpoint_state` gave (under FSDP every rank, each with the whole state,
+        keeps its shard)."""
         expected = self._live_state()
-        if self.mode.fsdp:
-            import torch.distributed as dist
-
-            box = [dict(state) if state is not None else None]
-            dist.broadcast_object_list(box, src=0)
-            state = box[0]
         missing = [k for k in expected if k not in state]
         unexpected = [k for k in state if k not in expected]
         if missing or unexpected:
@@ -176,7 +170,8 @@ class Prepared:
                 if _is_dtensor(tensor):
                     from torch.distributed.tensor import distribute_tensor
 
-                    source = distribute_tensor(source.to(tensor.dtype), tensor.device_mesh, tensor.placements)
+                    source = distribute_tensor(source.to(tensor.device, tensor.dtype), tensor.device_mesh,
+                                               tensor.placements)
                 tensor.copy_(source)
 
     def _live_state(self) -> dict[str, torch.Tensor]:
@@ -195,15 +190,15 @@ class Prepared:
         return get_optimizer_state_dict(self.loss, optimizer,
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict | None) -> None:
-        """Load what `optimizer_state` gave (under FSDP: rank 0's, sent to the others; collective)."""
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Load what `optimizer_state` gave (under FSDP every rank, each with the whole state)."""
         if not self.mode.fsdp:
             optimizer.load_state_dict(state)
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(self.loss, optimizer, optim_state_dict=state or {},
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        set_optimizer_state_dict(self.loss, optimizer, optim_state_dict=state,
+                                 options=StateDictOptions(full_state_dict=True))
 
 
 def prepare(model: torch.nn.Module, mode: ModelMode, reference: torch.nn.Module | None = None) -> Prepared:
