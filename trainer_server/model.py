@@ -195,6 +195,8 @@ class Prepared:
         if not self.mode.fsdp:
             optimizer.load_state_dict(state)
             return
+        if not state.get("state"):
+            return  # nothing kept per parameter (plain SGD); the learning rate is set at every step
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(self.loss, optimizer, optim_state_dict=state,
