@@ -337,7 +337,7 @@ def _mode_figures(name: str, steps: int, sequences: int) -> dict:
     from common.weights import iter_chunks
     from trainer_server.distributed import Collective
     from trainer_server.model import ModelMode, prepare
-    from trainer_server.publish import Snapshot
+    from trainer_server.api import Snapshot
     from trainer_server.training import PolicyTrainer, StepParams
 
     torch.set_num_threads(1)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-PRECISIONS = ("fp32", "bf16")
+from trainer_server.config import PRECISIONS  # noqa: E402
 
 
 @dataclass(frozen=True)

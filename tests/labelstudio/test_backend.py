@@ -2,8 +2,8 @@
 
 Label Studio's payloads are written by hand here, in the shapes Label Studio 1.23 sends them
 (notes/label-studio.md); test_labelstudio_integration.py drives a real Label Studio. Expected
-token rows are derived from the policy's own token offsets with the span rules of DESIGN.md
-("Spans from labeling tools"), so they check the shared conversion and the trainer together.
+token rows are derived from the policy's own token offsets with the span rules (docs/design.md,
+"Spans"), so they check the shared conversion and the trainer together.
 """
 
 from __future__ import annotations

@@ -328,7 +328,7 @@ def test_spans_over_emoji_and_cjk_and_a_typed_replacement(page, policy, trainer,
     page.click("#submit")
     page.wait_for_selector("#results li[data-status=accepted]")
 
-    # The rows are those of the policy's own alignment of these spans (DESIGN.md, "Spans"): the bad
+    # The rows are those of the policy's own alignment of these spans (docs/design.md, "Spans"): the bad
     # span's first token, every token of the good span (the byte pieces of 東 and 京 included), and
     # the typed replacement's first token in context.
     with grpc.insecure_channel(policy.address) as channel:

@@ -1,6 +1,6 @@
 // What the page computes from the token stream, free of the DOM: the completion's tokens and the
 // labels put on them, how a token is drawn, which tokens to suggest, and the AnnotatedSequence a
-// labelled completion becomes. main.ts draws; this file decides.
+// labelled completion becomes. view.ts draws; this file decides.
 
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import {
@@ -139,7 +139,7 @@ export function cpSlice(text: string, start: number, end: number): string {
   return Array.from(text).slice(start, end).join("");
 }
 
-/** Positions of the tokens a character span covers, by the servers' rule (DESIGN.md, "Spans";
+/** Positions of the tokens a character span covers, by the servers' rule (docs/design.md, "Spans";
  * common/spans.py): a token overlaps the span ignoring its leading whitespace, and a token that
  * only starts a character (no characters of its own) belongs where that character starts. What
  * the page highlights is what the trainer will store. */
@@ -186,7 +186,7 @@ export function suggestions(tokens: Tok[]): Map<number, string> {
 
 /** The AnnotatedSequence for a labelled completion: the sampled ids are the truth; a token label
  * with a typed replacement becomes a span label over that token's characters, so the trainer
- * tokenizes the text in context (DESIGN.md, "Spans"). */
+ * tokenizes the text in context (docs/design.md, "Spans"). */
 export function toSequence(w: Work, annotatorId: string): AnnotatedSequence {
   const text = completionText(w);
   const tokenLabels: MessageInitShape<typeof TokenLabelSchema>[] = [];

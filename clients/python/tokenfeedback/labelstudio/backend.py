@@ -1,9 +1,10 @@
-"""tokenfeedback as a Label Studio ML backend: pre-marks unlikely tokens, turns saved spans into
-training data, and starts training when Label Studio asks.
+"""tokenfeedback as a Label Studio ML backend, its logic: pre-marks unlikely tokens, turns saved
+spans into training data, and starts training when Label Studio asks. server.py serves it over
+HTTP; each method here takes the request's JSON object and returns the answer's.
 
     tokenfeedback labelstudio-backend --policy 127.0.0.1:50051 --trainer 127.0.0.1:50052 --port 9090
 
-Label Studio's ML backend contract (notes/label-studio.md), served with Starlette on uvicorn:
+Label Studio's ML backend contract (as its own label_studio_ml reference server answers it):
 - GET /health: UP when the policy server answers (Label Studio waits 1 s).
 - POST /setup: remembers the project's Label Studio address and token (used to write generated
   completions into prompt-only tasks) and answers the policy's model version.
@@ -23,25 +24,16 @@ one log line naming the task and region; a rejected annotation stores nothing.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
 import re
-import socket
 import threading
 import time
 import urllib.error
 import urllib.request
-from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
-
-import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 import tokenfeedback.v1.trainer_pb2 as trainer_pb2
 from tokenfeedback.client import PolicyClient, TrainerClient
@@ -97,14 +89,14 @@ class BackendConfig:
 class RequestError(Exception):
     """A request the backend refuses: HTTP status and the JSON body's fields."""
 
-    def __init__(self, status: int, message: str, **where: Any):
-        self.status = status
+    def __init__(self, code: int, message: str, **where: Any):
+        self.status = code  # the HTTP status
         self.message = message
         self.where = {k: v for k, v in where.items() if v is not None}
         super().__init__(message)
 
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": self.message, **self.where}, status_code=self.status)
+    def body(self) -> dict:
+        return {"error": self.message, **self.where}
 
 
 def _unreachable(exc: TokenfeedbackError) -> bool:
@@ -135,17 +127,16 @@ class Backend:
 
     # ---- /health, /setup ---------------------------------------------------------------
 
-    async def health(self, request: Request) -> JSONResponse:
+    async def health(self) -> dict:
         try:
             serving = await asyncio.to_thread(self.policy.serving, 0.5)
         except TokenfeedbackError as exc:
-            return JSONResponse({"status": "DOWN", "error": f"policy server: {exc}"}, status_code=503)
+            raise RequestError(503, f"policy server: {exc}", status="DOWN") from None
         if not serving:
-            return JSONResponse({"status": "DOWN", "error": "policy server: not SERVING yet"}, status_code=503)
-        return JSONResponse({"status": "UP", "model_class": "tokenfeedback", "training": dict(self.training)})
+            raise RequestError(503, "policy server: not SERVING yet", status="DOWN")
+        return {"status": "UP", "model_class": "tokenfeedback", "training": dict(self.training)}
 
-    async def setup(self, request: Request) -> JSONResponse:
-        body = await _json_object(request)
+    async def setup(self, body: dict) -> dict:
         project = _project_id(body.get("project"))
         if project:
             self.projects[project] = {"hostname": body.get("hostname") or "", "access_token": body.get("access_token") or ""}
@@ -153,12 +144,11 @@ class Backend:
             info = await asyncio.to_thread(self.policy.model_info, timeout=2.0)
         except TokenfeedbackError as exc:
             raise RequestError(503, f"policy server at {self.config.policy}: {exc}") from None
-        return JSONResponse({"model_version": model_version_name(info.model_version)})
+        return {"model_version": model_version_name(info.model_version)}
 
     # ---- /predict ----------------------------------------------------------------------
 
-    async def predict(self, request: Request) -> JSONResponse:
-        body = await _json_object(request)
+    async def predict(self, body: dict) -> dict:
         tasks = body.get("tasks")
         if not isinstance(tasks, list):
             raise RequestError(400, "tasks: expected a list of tasks")
@@ -176,7 +166,7 @@ class Backend:
         elapsed = time.perf_counter() - started
         log.info("predict: %d tasks in %.1f ms (%.1f ms per task)", len(tasks), 1e3 * elapsed,
                  1e3 * elapsed / max(1, len(tasks)))
-        return JSONResponse({"results": results})
+        return {"results": results}
 
     def _predict_task(self, index: int, task: Any, project: str, names: LabelNames) -> dict:
         """One task's prediction, or an empty one with an `error` (a task's own fault must not
@@ -261,9 +251,8 @@ class Backend:
 
     # ---- /webhook ----------------------------------------------------------------------
 
-    async def webhook(self, request: Request) -> JSONResponse:
+    async def webhook(self, body: dict) -> dict:
         started = time.perf_counter()
-        body = await _json_object(request)
         action = body.get("action")
         if action == "START_TRAINING":
             reply = self.start_training(body)
@@ -278,7 +267,7 @@ class Backend:
             reply = {"status": "ignored", "action": action}
         reply["elapsed_ms"] = round(1e3 * (time.perf_counter() - started), 2)
         log.info("webhook %s: %s", action, json.dumps(reply, ensure_ascii=False))
-        return JSONResponse(reply)
+        return reply
 
     def _saved_all(self, body: dict, action: str, deadline: float) -> dict:
         """ANNOTATION_CREATED/UPDATED carry one annotation and its task; ANNOTATIONS_CREATED lists."""
@@ -427,107 +416,3 @@ def _remaining(deadline: float) -> float:
 def _project_id(project: Any) -> str:
     """Label Studio sends "<id>.<created unix time>" in /setup and /predict, the id elsewhere."""
     return "" if project is None else str(project).split(".", 1)[0]
-
-
-async def _json_object(request: Request) -> dict:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestError(400, f"request body is not JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise RequestError(400, f"request body: expected a JSON object, got {type(body).__name__}")
-    return body
-
-
-# ---- the app and the server ------------------------------------------------------------------
-
-
-def create_app(config: BackendConfig) -> Starlette:
-    backend = Backend(config)
-
-    def endpoint(method):
-        async def handle(request: Request) -> JSONResponse:
-            try:
-                return await method(request)
-            except RequestError as exc:
-                return exc.response()
-            except PolicyUnreachable as exc:
-                log.warning("%s %s: %s", request.method, request.url.path, exc)
-                return JSONResponse({"error": str(exc)}, status_code=503)
-            except Exception as exc:  # noqa: BLE001 - a JSON answer and a log line, never a bare 500
-                log.exception("%s %s failed", request.method, request.url.path)
-                return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
-
-        return handle
-
-    @asynccontextmanager
-    async def lifespan(app):
-        yield
-        backend.close()
-
-    app = Starlette(
-        routes=[
-            Route("/health", endpoint(backend.health), methods=["GET"]),
-            Route("/", endpoint(backend.health), methods=["GET"]),
-            Route("/setup", endpoint(backend.setup), methods=["POST"]),
-            Route("/predict", endpoint(backend.predict), methods=["POST"]),
-            Route("/webhook", endpoint(backend.webhook), methods=["POST"]),
-        ],
-        lifespan=lifespan,
-    )
-    app.state.backend = backend
-    return app
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `labelstudio-backend` options. --policy, --trainer, --tls-ca and the token (--token-file
-    or $TOKENFEEDBACK_TOKEN) are the CLI's global connection options."""
-    d = BackendConfig("", "")
-    parser.add_argument("--host", default=d.host, help=f"bind address (default {d.host})")
-    parser.add_argument("--port", type=int, default=d.port, help=f"HTTP port, 0 for a free one (default {d.port})")
-    parser.add_argument("--threshold", type=float, default=d.threshold,
-                        help=f"pre-mark tokens with probability below this (default {d.threshold})")
-    parser.add_argument("--max-marks", type=int, default=d.max_marks,
-                        help=f"at most this many pre-marked tokens per task (default {d.max_marks})")
-    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
-                        help=f"length of completions generated for prompt-only tasks (default {d.max_new_tokens})")
-    parser.add_argument("--temperature", type=float, default=d.temperature,
-                        help=f"their sampling temperature (default {d.temperature})")
-    parser.add_argument("--seed", type=int, default=None, help="their sampling seed (default: fresh)")
-    parser.add_argument("--train-steps", type=int, default=d.train_steps,
-                        help="optimizer steps per START_TRAINING (default 0: one pass over pending annotations)")
-    parser.add_argument("--state", default=d.state, help=f"SQLite file of submitted ids (default {d.state})")
-    parser.add_argument("--webhook-budget", type=float, default=d.webhook_budget,
-                        help=f"seconds a webhook may spend on trainer calls (default {d.webhook_budget}; "
-                             "Label Studio waits 1)")
-    parser.add_argument("--to-name", default=d.to_name, help="only regions on this <Text> tag (default: all)")
-    parser.add_argument("--label-studio-url", default="",
-                        help="Label Studio address for writing generated completions (default: from /setup)")
-    parser.add_argument("--label-studio-token", default="", help="its API token (default: from /setup)")
-
-
-def config_from_args(args: argparse.Namespace, *, token: str | None = None) -> BackendConfig:
-    return BackendConfig(
-        policy=args.policy, trainer=args.trainer, host=args.host, port=args.port, threshold=args.threshold,
-        max_marks=args.max_marks, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        seed=args.seed, train_steps=args.train_steps, state=args.state, webhook_budget=args.webhook_budget,
-        to_name=args.to_name, label_studio_url=args.label_studio_url, label_studio_token=args.label_studio_token,
-        tls_ca=getattr(args, "tls_ca", None), token=token,
-    )
-
-
-def serve(config: BackendConfig) -> None:
-    """Bind, announce `tokenfeedback: labelstudio-backend listening on HOST:PORT`, serve until
-    SIGINT/SIGTERM."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log.info("config: %s", {k: v for k, v in asdict(config).items() if k != "token"})
-    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((config.host, config.port))
-    sock.listen(128)  # connections queue here until uvicorn accepts them
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(config), log_level="warning", access_log=False))
-    # The line tests and scripts wait for (the servers' convention, common/process.py).
-    print(f"tokenfeedback: labelstudio-backend listening on {config.host}:{port}", flush=True)
-    asyncio.run(server.serve(sockets=[sock]))

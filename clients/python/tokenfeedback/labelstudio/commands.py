@@ -13,7 +13,7 @@ from tokenfeedback.labelstudio.config import label_config
 
 
 def _configure_backend(parser: argparse.ArgumentParser) -> None:
-    from tokenfeedback.labelstudio.backend import add_arguments
+    from tokenfeedback.labelstudio.server import add_arguments
 
     add_arguments(parser)
 
@@ -21,7 +21,7 @@ def _configure_backend(parser: argparse.ArgumentParser) -> None:
 @command("labelstudio-backend", "serve the Label Studio ML backend (pre-marks unlikely tokens, "
          "submits saved annotations, trains on request)", _configure_backend)
 def run_backend(args: argparse.Namespace, ctx: Context) -> int:
-    from tokenfeedback.labelstudio.backend import config_from_args, serve
+    from tokenfeedback.labelstudio.server import config_from_args, serve
 
     serve(config_from_args(args, token=ctx.token()))
     return 0

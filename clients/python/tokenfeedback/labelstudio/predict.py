@@ -2,8 +2,8 @@
 
 The annotator starts from the most suspicious tokens instead of reading every token with equal
 attention. Each region covers one token's visible characters (its leading and trailing whitespace
-left out, so " Canada" is marked as "Canada"; the span rules of DESIGN.md map it back to the same
-token) and carries the token's probability under the policy as its score. Pure functions over
+left out, so " Canada" is marked as "Canada"; the span rules (docs/design.md, "Spans") map it back
+to the same token) and carries the token's probability under the policy as its score. Pure functions over
 scored tokens (policy ScoredToken or TokenEvent: position, token_id, text, char_start, char_end,
 logprob), so they are tested without a server.
 """
