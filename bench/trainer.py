@@ -335,9 +335,9 @@ def _mode_figures(name: str, steps: int, sequences: int) -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from common.weights import iter_chunks
+    from trainer_server.api import Snapshot
     from trainer_server.distributed import Collective
     from trainer_server.model import ModelMode, prepare
-    from trainer_server.api import Snapshot
     from trainer_server.training import PolicyTrainer, StepParams
 
     torch.set_num_threads(1)
