@@ -106,17 +106,22 @@ def _published_mb(log: str) -> list[float]:
     return [float(m) for m in re.findall(r"now holds version \d+ \(([\d.]+) MB", log)]
 
 
-def test_publish_moves_only_adapters_the_policy_merges_them_and_resume_keeps_them(
-        start_policy, start_trainer, tiny_model_dir, tmp_path):
-    policy = start_policy(tiny_model_dir)
-    data = tmp_path / "data"
-    trainer = start_trainer(tiny_model_dir, data, "--policy", policy.address, *ARGS)
+def train_with_adapters(start_policy, start_trainer, model_dir, data):
+    """A policy server and a LoRA trainer that published version 1 to it after 3 steps."""
+    policy = start_policy(model_dir)
+    trainer = start_trainer(model_dir, data, "--policy", policy.address, *ARGS)
     stub = trainer_stub(trainer.address)
     base = logprobs(policy.address)
     stub.SubmitAnnotations(pb.SubmitAnnotationsRequest(sequences=[simple_sequence("l-1")]), timeout=30)
     done = train(stub, steps=3)[-1]
     assert done.published_version == 1 and policy_versions(stub)[policy.address] == (1, True)
+    return policy, trainer, base
 
+
+def test_publish_moves_only_adapters_and_the_policy_merges_them(start_policy, start_trainer, tiny_model_dir,
+                                                                tmp_path):
+    data = tmp_path / "data"
+    policy, trainer, base = train_with_adapters(start_policy, start_trainer, tiny_model_dir, data)
     # the adapters alone went out (well under 0.1 MB; the whole tiny model is about 0.8 MB) ...
     info = policy_stub(policy.address).GetModelInfo(ppb.GetModelInfoRequest(), timeout=30)
     assert info.parameter_bytes > 500_000
@@ -136,9 +141,14 @@ def test_publish_moves_only_adapters_the_policy_merges_them_and_resume_keeps_the
     assert token.logprob == pytest.approx(float(local[2, token.token_id]), abs=1e-4)
     assert abs(float(local[2, token.token_id]) - float(local_base[2, token.token_id])) > 1e-3
 
-    # a restarted trainer resumes the adapters: a fresh policy server (version 0) gets them
+
+def test_a_restarted_trainer_resumes_the_adapters(start_policy, start_trainer, tiny_model_dir, tmp_path):
+    data = tmp_path / "data"
+    policy, trainer, _ = train_with_adapters(start_policy, start_trainer, tiny_model_dir, data)
+    trained = logprobs(policy.address)
     trainer.stop()
     policy.stop()
+    # a fresh policy server (version 0) gets the resumed adapters, not fresh ones
     fresh = start_policy(tiny_model_dir)
     trainer = start_trainer(tiny_model_dir, data, "--policy", fresh.address, *ARGS)
     stub = trainer_stub(trainer.address)
