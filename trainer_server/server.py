@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -41,7 +42,7 @@ from trainer_server.service import register
 
 log = logging.getLogger("trainer_server")
 
-
+WORKER_THREADS = 64  # engine calls running at once (most of them waiting for a commit)
 def make_publisher(config: TrainerConfig) -> Publisher:
     """The gRPC publisher to the configured policy servers (the engine sees an api.WeightPublisher)."""
     return Publisher(
@@ -172,6 +173,10 @@ async def create_server(config: TrainerConfig, collective: distributed.Collectiv
 async def serve(config: TrainerConfig, collective: distributed.Collective) -> None:
     stop = asyncio.Event()
     install_signal_handlers(stop)
+    # Worker threads for the engine's blocking calls: enough that concurrent SubmitAnnotations can
+    # wait for the same group commit (store.py); asyncio's default (cores + 4) would cap a group
+    # at 6 on a 2-core machine.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(WORKER_THREADS, "trainer-worker"))
     app, _ = await create_server(config, collective)
     http = None
     try:
