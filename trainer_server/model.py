@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer_server.config import PRECISIONS  # noqa: E402
+from trainer_server.config import PRECISIONS
 
 
 @dataclass(frozen=True)
