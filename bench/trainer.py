@@ -408,6 +408,11 @@ def _memory_kind() -> str:
 def _compiled_figures(steps: int, sequences: int) -> dict:
     """Seconds per step and per token: PolicyTrainer.step (fp32 full) and a plain PyTorch step
     compiled with torch.compile, on the same model and batch, in this process."""
+    import os
+
+    # compile in this process: on a shared, oversubscribed CPU the pool of compile workers starved
+    # (20 minutes without progress); one thread compiled the tiny model's step in about 3 minutes
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
