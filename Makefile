@@ -10,14 +10,17 @@ MODEL ?= $(DATA)/demo-model
 PROTOS := $(shell find proto -name '*.proto')
 GEN_PY := clients/python/tokenfeedback/v1
 STAMP := $(VENV)/.stamp-install
+WEB_STAMP := web/dist/.stamp
+POLICY_HTTP_PORT ?= 8081
+TRAINER_HTTP_PORT ?= 8082
 
-.PHONY: setup proto model serve demo experiment claims test test-fast test-integration bench \
+.PHONY: setup proto model serve demo demo-check experiment claims test test-fast test-integration bench \
         loadtest lint label system-deps clients-ts clients-go web vllm clean help
 
 help:
-	@echo "make setup      create .venv, install pinned dependencies, generate stubs"
+	@echo "make setup      create .venv, install pinned dependencies, generate stubs, build web/dist"
 	@echo "make model      train the embedded demo model into $(MODEL) (once)"
-	@echo "make serve      start policy + trainer servers on the demo model"
+	@echo "make serve      policy + trainer on the demo model, gRPC :50051/:50052, Connect :8081/:8082"
 	@echo "make label      the labeling page at http://127.0.0.1:8700 (starts both servers; LABEL_ARGS=...)"
 	@echo "make demo       the main job: sample, annotate, train, publish; report"
 	@echo "make test       the whole test suite (builds what it needs)"
@@ -46,7 +49,6 @@ proto: $(STAMP)
 	touch $(GEN_PY)/.stamp
 
 # The labeling page (web/): pinned npm packages, TypeScript generated from proto/, one bundle.
-WEB_STAMP := web/dist/.stamp
 $(WEB_STAMP): $(wildcard web/src/*) web/package.json web/package-lock.json web/tsconfig.json $(PROTOS) \
               scripts/build_web.sh | $(STAMP)
 	bash scripts/build_web.sh
@@ -60,13 +62,18 @@ system-deps:
 	bash scripts/system_deps.sh
 
 # ---- the model and the services ------------------------------------------------------------
-$(MODEL)/config.json: | setup
-	$(PY) -m demo_model --out $(MODEL)
+# Rebuilt when the generator's code changes and the recipe (settings + corpus digest) differs;
+# reused (seconds) when the recipe is the same.
+$(MODEL)/build.json: $(wildcard demo_model/*.py) | setup
+	$(PY) -m demo_model --out $(MODEL) --replace-stale
+	touch $@
 
-model: setup $(MODEL)/config.json
+model: setup $(MODEL)/build.json
 
+# Both servers with their Connect ports (the labeling page, curl); prints the addresses.
 serve: model
-	$(PY) -m tokenfeedback.cli serve --model $(MODEL) --data $(DATA)/trainer
+	$(PY) -m tokenfeedback serve --model $(MODEL) --data $(DATA)/trainer \
+	  --policy-http-port $(POLICY_HTTP_PORT) --trainer-http-port $(TRAINER_HTTP_PORT) $(SERVE_ARGS)
 
 label: model web
 	$(PY) -m tokenfeedback label --model $(MODEL) --data $(DATA)/trainer $(LABEL_ARGS)
@@ -74,10 +81,15 @@ label: model web
 demo: model
 	$(PY) -m demo --model $(MODEL) $(DEMO_ARGS)
 
+# the CI check of the demo: a short configuration that must meet its (scaled) targets
+demo-check: model
+	$(PY) -m pytest -q -rs tests/demo/test_demo_targets.py $(PYTEST_ARGS)
+
+# token-level against sequence-level feedback on the multi-fact task; QUICK=1: a pipeline check
 experiment: model
 	$(PY) -m demo.experiment --model $(MODEL) $(if $(QUICK),--quick) $(DEMO_ARGS)
 
-# the idea's claims measured (issue 10); QUICK=1: one seed, small budget, a pipeline check
+# the idea's other claims (KL, online vs offline, horizon); QUICK=1: one seed, small budget
 claims: model
 	$(PY) -m demo.claims --model $(MODEL) $(if $(QUICK),--quick) $(DEMO_ARGS)
 

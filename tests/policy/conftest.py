@@ -24,26 +24,26 @@ VLLM_TEST_TIMEOUT_S = 1200  # a test that starts a vLLM server (module fixtures 
 def pytest_collection_modifyitems(items):
     for item in items:
         callspec = getattr(item, "callspec", None)
-        if callspec is not None and callspec.params.get("engine", "hf") != "hf":
+        if callspec is not None and callspec.params.get("policy_engine", "hf") != "hf":
             item.add_marker(pytest.mark.timeout(VLLM_TEST_TIMEOUT_S))
 
 
 @pytest.fixture(scope="module", params=ENGINES)
-def engine(request) -> str:
+def policy_engine(request) -> str:
     """The engine the module's server runs (`--engine`)."""
     return request.param
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tiny_model_dir, tiny_vllm_model_dir, engine):
+def tiny_model_dir(tiny_model_dir, tiny_vllm_model_dir, policy_engine):
     """The tiny model the module's engine loads (vLLM's CPU attention needs heads of >= 32 dims)."""
-    return tiny_model_dir if engine == "hf" else tiny_vllm_model_dir
+    return tiny_model_dir if policy_engine == "hf" else tiny_vllm_model_dir
 
 
 @pytest.fixture(scope="module")
-def policy_server(tiny_model_dir, start_policy_server, engine):
+def policy_server(tiny_model_dir, start_policy_server, policy_engine):
     """One server per test module (modules that update weights don't disturb the others)."""
-    with start_policy_server(tiny_model_dir, engine=engine) as server:
+    with start_policy_server(tiny_model_dir, engine=policy_engine) as server:
         yield server
 
 
