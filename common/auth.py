@@ -1,6 +1,6 @@
 """Bearer-token authentication with two roles, shared by both servers and both transports.
 
-Who may call what (issue 7, DESIGN.md "Services"):
+Who may call what (docs/design.md, "Security"):
 - `annotator`: generate, score, tokenize, align spans, model info; submit, withdraw and read
   annotations; trainer status. What a labeling tool or a person annotating needs.
 - `admin`: everything an annotator may, plus Train, SaveCheckpoint and the policy server's

@@ -2,7 +2,7 @@
 
 Used by the policy server (TokenEvent text and spans, Tokenize, AlignSpans), the trainer (spans in
 annotations), the Label Studio backend and the labeling page's server side, so that all of them
-apply the same rules (DESIGN.md, "Spans from labeling tools"):
+apply the same rules (docs/design.md, "Spans"):
 
 - The generated token ids are the truth; character offsets come from decoding them, one token at
   a time (`IncrementalDecoder`). Offsets are Unicode code points, half-open [start, end).

@@ -1,4 +1,4 @@
-"""Fused per-token weighted likelihood + KL loss (DESIGN.md, "The loss" and "Kernels").
+"""Fused per-token weighted likelihood + KL loss (docs/design.md, "The loss" and "Kernels").
 
 Two entry points with the same semantics:
 

@@ -1,7 +1,7 @@
 """The loss in plain PyTorch: the specification the other back ends are tested against.
 
 Written to be obviously right, not fast: it materializes log-softmax of both [N, V] logits and lets
-autograd differentiate. Tests run it in float64. Semantics (DESIGN.md, "The loss"):
+autograd differentiate. Tests run it in float64. Semantics (docs/design.md, "The loss"):
 
     L = (1/R) sum_rows l(w, p) + beta (1/T) sum_{t in kl_mask} KL_t
     KL_t = sum_v pi(v|t) (log pi(v|t) - log pi_ref(v|t))

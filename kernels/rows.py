@@ -1,6 +1,6 @@
 """Argument checks and the row layout that every back end shares.
 
-The loss (DESIGN.md, "The loss") mixes two kinds of data: per-position data (logits, the KL mask)
+The loss (docs/design.md, "The loss") mixes two kinds of data: per-position data (logits, the KL mask)
 and annotation rows (position, target, weight, behavior logprob), several of which may point at
 the same position. The chunked back ends walk positions in order and need, for any run of
 positions, the rows that point into it. So the rows are sorted by position once (stable, so

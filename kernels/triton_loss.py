@@ -4,7 +4,7 @@ One program per position t. It reads the policy logits z_t and the reference log
 dtype; all arithmetic in fp32) and does three things, with int64 offsets throughout (t * V exceeds
 int32 for N V > 2^31):
 
-1. Statistics pass, streaming over V in blocks with running maxima (DESIGN.md's identity):
+1. Statistics pass, streaming over V in blocks with running maxima (docs/design.md, "The loss": identities):
    lse(z), lse(r) and S = sum_j p_j ((z_j - m_z) - (r_j - m_r)), so that
    KL_t = S - log s_z + log s_r (s = sum exp(. - m)). Keeping the sum relative to the running
    maxima, not sum p (z - r), avoids cancelling two large numbers for large logits.

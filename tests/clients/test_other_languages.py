@@ -189,7 +189,7 @@ def test_go_vectors(demo_servers):
     assert sum(name.startswith("TestVectors/") for name in results) >= 30, results
 
 
-# ---- TLS and tokens (issue 7): the examples against servers with TLS and auth on -------------------
+# ---- TLS and tokens: the examples against servers with TLS and auth on -------------------
 
 ANNOTATOR_TOKEN = "annotator-ts-go-4c1e9b7a2d5f"
 ADMIN_TOKEN = "admin-ts-go-8e2f6a0c3b7d"

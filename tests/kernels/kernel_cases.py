@@ -16,7 +16,7 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 
-# relative error bars per input dtype (DESIGN.md / issue 3); fp64 checks the CPU path's formulas
+# relative error bars per input dtype (docs/design.md, "Testing"); fp64 checks the CPU path's formulas
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 

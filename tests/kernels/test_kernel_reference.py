@@ -43,7 +43,7 @@ def test_hand_derived_unlikelihood_with_kl(backend):
 
     l1 = -log(1/2) = log 2; l2 = -2 log(1 - 1/2) = 2 log 2; l3 = -0.5 log(1/4) = log 2.
     L = (4/3) log 2 + (1/2)(log 2)/4 = (35/24) log 2.
-    Gradients (DESIGN.md identities):
+    Gradients (docs/design.md, "The loss": identities):
       row 1: p - e_1 = (1/4, -1/2, 1/4)
       row 2: |w| p_y ([j=y] - p_j) / (1 - p_y) = 2 (e_1 - p) = (-1/2, 1, -1/2)
       row 3: 0.5 (p - e_0) = (-3/8, 1/4, 1/8)

@@ -34,8 +34,8 @@ POLICY_SERVICE = ppb.DESCRIPTOR.services_by_name["PolicyService"]
 TRAINER_SERVICE = tpb.DESCRIPTOR.services_by_name["TrainerService"]
 METHODS = [*POLICY_SERVICE.methods, *TRAINER_SERVICE.methods]
 
-# What a fuzzed call may answer besides OK: the deliberate statuses of DESIGN.md ("Every RPC
-# validates its input"). DEADLINE_EXCEEDED only where a valid request may legitimately run long.
+# What a fuzzed call may answer besides OK: the deliberate statuses of (docs/design.md, "Errors and
+# limits"). DEADLINE_EXCEEDED only where a valid request may legitimately run long.
 ALLOWED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.OUT_OF_RANGE}
 SLOW_OK = {"Train"}  # a random `steps` up to 1e6 is valid: it runs until the call's deadline stops it

@@ -1,4 +1,4 @@
-"""Training rows: the horizon step (DESIGN.md, "Horizon") and staleness, against hand-written values."""
+"""Training rows: the horizon step (docs/design.md, "Horizon") and staleness, against hand-written values."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The training step in-process (no servers): gradients against a plain autograd computation of
-DESIGN.md's loss through the full model (tied lm_head included), micro-batching that changes
+docs/design.md's loss through the full model (tied lm_head included), micro-batching that changes
 nothing, a non-finite loss that never reaches the weights, and the adaptive beta."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def batch(seed: int = 0, vocab: int = 300) -> list[Example]:
 
 
 def autograd_loss(model, reference, examples, params: StepParams) -> torch.Tensor:
-    """DESIGN.md's loss from the full model's logits (HF forward, tied lm_head), one sequence at a time."""
+    """docs/design.md's loss from the full model's logits (HF forward, tied lm_head), one sequence at a time."""
     logits, ref_logits, rows, targets, weights, behavior = [], [], [], [], [], []
     offset = 0
     for e in examples:

@@ -5,7 +5,7 @@
 The cases are written here in text (a prompt, a completion, labels on named tokens or on
 substrings), and this script turns them into exact SubmitAnnotationsRequest JSON plus the
 expected answers, against the demo model's tokenizer. The expected training rows are computed
-here from DESIGN.md's rules ("The loss", "Spans from labeling tools"), with this file's own small
+here from the rules of docs/design.md ("The loss", "Spans"), with this file's own small
 implementation that uses nothing of the servers but the tokenizer's encode/decode, so that a
 trainer that stores other rows fails the vectors. See tests/vectors/README.md for the format.
 
@@ -44,7 +44,7 @@ class Piece:
 
 
 class Rules:
-    """DESIGN.md's span and row rules over a Hugging Face tokenizer."""
+    """docs/design.md's span and row rules over a Hugging Face tokenizer."""
 
     def __init__(self, tokenizer, vocab_size: int):
         self.tok = tokenizer

@@ -2,7 +2,7 @@
 
 Pure functions (no network, no tokenizer): they turn what a labeling tool saved into the proto's
 AnnotatedSequence with character-span labels, and leave the span -> token alignment to the trainer
-(DESIGN.md, "Spans from labeling tools"). What they can check without a tokenizer they check, and
+(docs/design.md, "Spans"). What they can check without a tokenizer they check, and
 every error names the line, task, annotation and region it is about. The CLI's `annotate` and the
 Label Studio ML backend (webhooks) share this one implementation:
 
@@ -396,7 +396,7 @@ def resolve_span(text: str, start: int, end: int, quoted: str | None, *, where: 
     """Check a span against the text and return its code-point offsets. The offsets must lie in
     [0, len(text)] with start < end; when the tool's own copy `quoted` is given it must match the
     text there (whitespace runs compared loosely). On a mismatch in a text with characters outside
-    the BMP, the offsets are retried as UTF-16 code units (DESIGN.md, "Spans")."""
+    the BMP, the offsets are retried as UTF-16 code units (docs/design.md, "Spans")."""
     if not 0 <= start < end <= len(text):
         raise ConversionError(f"offsets [{start}, {end}) outside the text (length {len(text)} code points) "
                               "or empty", where=where)
