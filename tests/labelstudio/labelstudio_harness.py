@@ -2,9 +2,9 @@
 Label Studio started headless.
 
 Label Studio runs from its own venv (.cache/labelstudio-venv, made by scripts/labelstudio_venv.sh
-when missing, reused after), on 127.0.0.1 with a temporary data folder and the environment
-notes/label-studio.md lists: a fixed admin user and legacy API token, local ML backends and
-webhooks allowed (SSRF protection off), no analytics, no version check.
+when missing, reused after), on 127.0.0.1 with a temporary data folder and this environment: a
+fixed admin user and legacy API token, local ML backends and webhooks allowed (SSRF protection
+off), no analytics, no version check.
 """
 
 from __future__ import annotations
