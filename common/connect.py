@@ -10,8 +10,11 @@ Connect's JSON, so `curl -H 'content-type: application/json' -d '{}'
 http://HOST:PORT/tokenfeedback.v1.TrainerService/GetStatus` works without a second API.
 
 Here: `connect_method` (engine errors -> ConnectError, the Connect twin of common/rpc.py's
-`rpc_method`), `route` (several Connect apps in one ASGI app, by path), and `HttpServer` (uvicorn
-in the server's own asyncio loop, started and stopped by the caller, without taking over signals).
+`rpc_method`), `CODECS` (binary and JSON, unknown JSON fields refused naming the field), `route`
+(several Connect apps in one ASGI app, by path), and `HttpServer` (uvicorn in the server's own
+asyncio loop, started and stopped by the caller, without taking over signals), which puts
+common/guard.py's `HttpGuard` in front of the app (content types, sizes, bodies in flight,
+/metrics) and closes connections whose request headers do not arrive in time.
 """
 
 from __future__ import annotations
@@ -26,9 +29,12 @@ from collections.abc import Callable, Iterable, Mapping
 
 import uvicorn
 from connectrpc.code import Code
+from connectrpc.compat import google_protobuf_binary_codec, google_protobuf_json_codec
 from connectrpc.errors import ConnectError
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from common.errors import ServiceError
+from common.metrics import serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +88,31 @@ def connect_method(fn: Callable) -> Callable:
     return unary_wrapper
 
 
+class _StrictJsonCodec:
+    """Connect's JSON codec, but a field the message does not have is an error naming it (the
+    default ignores it, so `promptTxt` became an empty prompt)."""
+
+    def __init__(self):
+        self._inner = google_protobuf_json_codec(ignore_unknown_fields=False)
+
+    def name(self) -> str:
+        return self._inner.name()
+
+    def encode(self, message) -> bytes:
+        return self._inner.encode(message)
+
+    def decode(self, data, message_class):
+        try:
+            return self._inner.decode(data, message_class)
+        except Exception as exc:  # noqa: BLE001 - json_format.ParseError and friends: the caller's JSON
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConnectError(Code.INVALID_ARGUMENT, f"request: {first_line[:300]}") from None
+
+
+# The codecs the generated Connect applications get (`codecs=CODECS`): binary and strict JSON.
+CODECS = (google_protobuf_binary_codec(), _StrictJsonCodec())
+
+
 def route(apps: Mapping[str, Callable], fallback: Callable | None = None) -> Callable:
     """One ASGI app from several, chosen by path prefix ("/tokenfeedback.v1.PolicyService/" etc.:
     the generated apps' `.path` + "/"); anything else goes to `fallback`, or gets 404."""
@@ -111,19 +142,84 @@ class _Server(uvicorn.Server):
         return contextlib.nullcontext()
 
 
+_TIMED_OUT_BODY = b"request headers not complete in time\n"
+_TIMED_OUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\nconnection: close\r\n"
+              b"content-length: %d\r\n\r\n%s" % (len(_TIMED_OUT_BODY), _TIMED_OUT_BODY))
+
+
+def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a deadline for request headers: from a connection's first
+    byte (or the first byte of its next request) to the end of the headers. A connection past it
+    gets 408 and is closed, with one log line. (uvicorn times out idle keep-alive connections,
+    not slowly sent headers.)"""
+
+    class HeaderTimeoutH11(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._header_timer = None
+            self._seen_cycle = None
+            self._arm()
+
+        def _arm(self) -> None:
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(seconds, self._headers_too_slow)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def data_received(self, data: bytes) -> None:
+            if self.cycle is None or self.cycle.response_complete:  # waiting for a request's headers
+                self._arm()
+            super().data_received(data)
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not self._seen_cycle:  # a request's headers are complete
+                self._seen_cycle = self.cycle
+                self._disarm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _headers_too_slow(self) -> None:
+            self._header_timer = None
+            if self.transport.is_closing():
+                return
+            client = f"{self.client[0]}:{self.client[1]}" if self.client else "?"
+            log.warning("closed connection from %s: request headers not complete after %.0fs", client, seconds)
+            self.transport.write(_TIMED_OUT)
+            self.transport.close()
+
+    return HeaderTimeoutH11
+
+
 class HttpServer:
-    """uvicorn serving an ASGI app inside the caller's event loop.
+    """uvicorn serving an ASGI app inside the caller's event loop, behind common/guard.py's
+    HttpGuard (which also answers GET /metrics when `metrics`).
 
     `port` is the bound port (0 asks for a free one); `ssl` serves HTTPS. Stop with
     `await server.stop(grace)`: open streams get `grace` seconds to finish, then are cancelled.
     """
 
     def __init__(self, app: Callable, host: str = "127.0.0.1", port: int = 0, grace: float = 5.0,
-                 ssl: dict | None = None):
+                 ssl: dict | None = None, max_body_bytes: int = 64 * 1024 * 1024,
+                 max_inflight_bytes: int | None = None, header_timeout_s: float = 10.0,
+                 metrics: bool = True):
         # ssl: uvicorn's ssl_* keyword arguments (common.tls.uvicorn_ssl), None or {} for plain HTTP
-        config = uvicorn.Config(app, host=host, port=port, lifespan="off", log_level="warning",
+        # max_body_bytes: larger declared bodies get 413 unread; the servers pass --max-message-bytes
+        # max_inflight_bytes: request bytes all running requests may hold; None: 4 largest bodies
+        # header_timeout_s: a request's headers must be complete this long after its first byte
+        from common.guard import HttpGuard  # here: common.guard imports common.rpc, which imports this module
+
+        guarded = HttpGuard(app, max_body_bytes, max_inflight_bytes or 4 * max_body_bytes,
+                            serve_metrics if metrics else None)
+        config = uvicorn.Config(guarded, host=host, port=port, lifespan="off", log_level="warning",
                                 access_log=False, timeout_graceful_shutdown=grace, server_header=False,
-                                **(ssl or {}))
+                                http=header_timeout_protocol(header_timeout_s), **(ssl or {}))
+        self.guard = guarded
         self._server = _Server(config)
         self._task: asyncio.Task | None = None
         self.host = host

@@ -72,3 +72,15 @@ def check(condition: bool, field: str, message: str) -> None:
     """Raise InvalidArgument(message, field) unless condition holds."""
     if not condition:
         raise InvalidArgument(message, field)
+
+
+def quote(value, limit: int = 80) -> str:
+    """A client-supplied value as an error message may quote it: its repr, cut to `limit`
+    characters with the full length said, so that no error grows with what a client sent
+    (a status message travels in gRPC metadata, which has a size limit; docs/design.md,
+    "Errors and limits")."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    length = f" ({len(value)} characters)" if isinstance(value, (str, bytes)) else ""
+    return f"{text[: max(limit - 3, 1)]}...{length}"

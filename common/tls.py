@@ -14,8 +14,10 @@ import argparse
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import grpc
+if TYPE_CHECKING:  # grpc is imported where credentials are made, so that engines importing
+    import grpc  # their config (TlsFiles) stay free of it (docs/design.md, "Servers")
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ def read_file(path: Path | str | None, what: str) -> bytes | None:
 
 def server_credentials(files: TlsFiles) -> grpc.ServerCredentials | None:
     """gRPC server credentials, or None for plaintext."""
+    import grpc
+
     if not files.enabled:
         return None
     files.check()
@@ -90,6 +94,8 @@ def uvicorn_ssl(files: TlsFiles) -> dict:
 def channel_credentials(roots: Path | str | None = None, cert: Path | str | None = None,
                         key: Path | str | None = None) -> grpc.ChannelCredentials:
     """Client credentials: roots (None: the system's), optional client certificate and key."""
+    import grpc
+
     if (cert is None) != (key is None):
         raise ValueError("a client certificate needs its key, and the other way round")
     return grpc.ssl_channel_credentials(

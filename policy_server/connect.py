@@ -10,7 +10,7 @@ Served next to the gRPC port by the same process when the server is started with
 
 from __future__ import annotations
 
-from common.connect import HttpServer, announce_connect, route, service_routes
+from common.connect import CODECS, HttpServer, announce_connect, route, service_routes
 from common.guard import ConnectGuard
 from common.rpc import connect_service
 from common.tls import TlsFiles, uvicorn_ssl
@@ -26,9 +26,10 @@ async def start_connect(handler: PolicyHandler, host: str, port: int, tls: TlsFi
     checks tokens and stream slots like the gRPC port's (common/guard.py); `tls` as on gRPC."""
     application = PolicyServiceASGIApplication(
         connect_service(handler, DESCRIPTOR, GRPC_ONLY), interceptors=[guard] if guard is not None else (),
-        **({"read_max_bytes": max_message_bytes} if max_message_bytes else {}))
+        codecs=CODECS, **({"read_max_bytes": max_message_bytes} if max_message_bytes else {}))
     app = route(service_routes([application]))
-    server = HttpServer(app, host, port, ssl=uvicorn_ssl(tls))
+    server = HttpServer(app, host, port, ssl=uvicorn_ssl(tls),
+                        **({"max_body_bytes": max_message_bytes + 5} if max_message_bytes else {}))
     bound = await server.start()
     announce_connect("policy", host, bound, tls=tls.enabled)
     return server

@@ -1,7 +1,9 @@
-"""The trainer engine: store, validation, training loop, versions, checkpoints. No gRPC here.
+"""The trainer engine: store, validation, training loop, versions, checkpoints. No gRPC here,
+directly or through what it imports: it works on api.py's dataclasses, raises common.errors
+exceptions, and publishes through the api.WeightPublisher that server.py injects
+(docs/design.md, "Servers").
 
-The servicer (service.py) and the benchmarks drive this class; it works on dataclasses and raises
-common.errors exceptions. Blocking methods (submit, train, save_checkpoint) are called from worker
+The handler (handler.py, behind the gRPC and Connect ports) and the benchmarks drive this class. Blocking methods (submit, train, save_checkpoint) are called from worker
 threads; one training run at a time (a second Train waits for the first).
 
 Versions: 0 is the weights --model names. Each publish raises the version: the new weights go out
@@ -19,21 +21,30 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from common.errors import FailedPrecondition, InvalidArgument, NotFound
+from common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from common.hf import load_causal_lm
 from common.weights import unique_tensors
+from trainer_server.api import (
+    Progress,
+    SequenceInput,
+    Snapshot,
+    Status,
+    SubmitOutcome,
+    TrainSettings,
+    WeightPublisher,
+)
 from trainer_server.checkpoint import CheckpointMeta, Checkpoints, load_into
-from trainer_server.config import VARIANTS, TrainerConfig, parse_horizon
+from trainer_server.config import TrainerConfig, check_training, parse_horizon
 from trainer_server.distributed import Collective
-from trainer_server.rows import horizon_rows, scaled, stale_factor, subtract_baseline
+from trainer_server.rows import BatchRules, Example, KLController, horizon_rows
 from trainer_server.store import AnnotationStore, StoredAnnotation
-from trainer_server.training import Example, PolicyTrainer, StepParams, StepResult
-from trainer_server.validate import SequenceInput, Validator, sequence_field
+from trainer_server.training import PolicyTrainer, StepParams, StepResult
+from trainer_server.validate import Validator, sequence_field
 
 log = logging.getLogger(__name__)
 
@@ -41,74 +52,26 @@ MAX_TRAIN_STEPS = 1_000_000
 
 
 @dataclass(frozen=True)
-class SubmitOutcome:
-    annotation_id: str
-    status: str  # "accepted" | "duplicate" | "rejected"
-    reason: str = ""
-    rows: int = 0
+class TrainPlan:
+    """A Train request resolved against the configuration: what every step of the call uses."""
 
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """A Train request: steps (0: one pass over pending) and per-call overrides (None: configured)."""
-
-    steps: int = 0
-    variant: str | None = None
-    beta: float | None = None
-    learning_rate: float | None = None
-    batch_size: int | None = None
-    horizon: str | None = None
-    gamma: float | None = None
-    publish: bool = True
-
-
-@dataclass(frozen=True)
-class Progress:
-    """One TrainProgress message."""
-
-    step: int
-    total_steps: int
-    loss: float = 0.0
-    token_loss: float = 0.0
-    kl: float = 0.0
-    beta: float = 0.0
-    mean_abs_weight: float = 0.0
-    tokens_per_second: float = 0.0
-    rows: int = 0
-    sequences: int = 0
-    model_version: int = 0
-    published_version: int = 0
-    skipped: bool = False
-    done: bool = False
-    message: str = ""
-    horizon: str = "1"
-    gamma: float = 1.0
-
-
-@dataclass
-class Status:
-    counts: dict[str, int]
-    model_version: int
-    step: int
-    last_loss: float
-    last_token_loss: float
-    last_kl: float
-    beta: float
-    variant: str
-    horizon: str
-    gamma: float
-    training: bool
-    policies: list = field(default_factory=list)  # publish.PolicyState
-    model_name: str = ""
+    steps: int  # 0: one pass over the pending annotations
+    params: StepParams  # variant, beta (the start value), learning rate, clip range, gradient clip
+    batch_size: int
+    rules: BatchRules  # horizon, gamma, staleness, baseline
+    horizon_text: str  # the horizon as the request / flag said it ("1", "full")
+    publish: bool
+    beta_overridden: bool  # a per-call beta: the KL controller's state does not carry over
 
 
 class TrainerEngine:
     """Owns the policy, the reference, the optimizer, the store (rank 0) and the checkpoints."""
 
-    def __init__(self, config: TrainerConfig, collective: Collective | None = None):
+    def __init__(self, config: TrainerConfig, collective: Collective | None = None,
+                 publisher: WeightPublisher | None = None):
         self.config = config
         self.collective = collective or Collective(config.rank, config.world_size)
-        self.publisher = None  # set by the service: an object with publish_blocking / max_version / set_current
+        self.publisher = publisher  # server.py injects publish.Publisher; None: versions only name the weights
         self.store: AnnotationStore | None = None
         self.checkpoints: Checkpoints | None = None
         self.trainer: PolicyTrainer | None = None
@@ -233,70 +196,69 @@ class TrainerEngine:
     def pending_count(self) -> int:
         return self.store.counts()["pending"] if self.store is not None else 0
 
+    def counts(self) -> dict[str, int]:
+        """Annotations by state, their total and rows (AnnotationStore.counts)."""
+        return self.store.counts()
+
     # ---- training ----
 
-    def resolve(self, settings: TrainSettings) -> tuple[StepParams, int, int | None, str, float, bool]:
-        """Check a Train request's overrides; (params, batch size, horizon, horizon text, gamma, publish)."""
+    def resolve(self, settings: TrainSettings) -> TrainPlan:
+        """Check a Train request's overrides (config.check_training, as for the flags) and resolve
+        them against the configuration."""
         c = self.config
         if not 0 <= settings.steps <= MAX_TRAIN_STEPS:
             raise InvalidArgument(f"must be in [0, {MAX_TRAIN_STEPS}], got {settings.steps}", "steps")
-        variant = c.variant if settings.variant is None else settings.variant
-        if variant not in VARIANTS:
-            raise InvalidArgument(f"must be one of {VARIANTS}, got {variant!r}", "variant")
-        beta = self.beta if settings.beta is None else settings.beta
-        if not (math.isfinite(beta) and beta >= 0):
-            raise InvalidArgument(f"must be finite and >= 0, got {beta}", "beta")
-        lr = c.learning_rate if settings.learning_rate is None else settings.learning_rate
-        if not (math.isfinite(lr) and 0 < lr <= 1):
-            raise InvalidArgument(f"must be in (0, 1], got {lr}", "learning_rate")
-        batch_size = c.batch_size if settings.batch_size is None else settings.batch_size
-        if not 1 <= batch_size <= 65536:
-            raise InvalidArgument(f"must be in [1, 65536], got {batch_size}", "batch_size")
-        horizon_text = c.horizon if settings.horizon is None else settings.horizon
-        try:
-            horizon = parse_horizon(horizon_text)
-        except ValueError as exc:
-            raise InvalidArgument(str(exc).split(": ", 1)[1], "horizon") from None
-        gamma = c.gamma if settings.gamma is None else settings.gamma
-        if not (math.isfinite(gamma) and 0 <= gamma <= 1):
-            raise InvalidArgument(f"must be in [0, 1], got {gamma}", "gamma")
-        params = StepParams(variant=variant, beta=beta, learning_rate=lr, clip_eps=c.clip_eps,
-                            max_grad_norm=c.max_grad_norm)
-        return params, batch_size, horizon, str(horizon_text).lower(), gamma, settings.publish
+        chosen = {}
+        for name in ("variant", "beta", "learning_rate", "batch_size", "horizon", "gamma"):
+            value = getattr(settings, name)
+            if value is None:
+                value = self.beta if name == "beta" else getattr(c, name)
+            else:
+                check_training(name, value)
+            chosen[name] = value
+        params = StepParams(variant=chosen["variant"], beta=chosen["beta"], learning_rate=chosen["learning_rate"],
+                            clip_eps=c.clip_eps, max_grad_norm=c.max_grad_norm)
+        rules = BatchRules(horizon=parse_horizon(chosen["horizon"]), gamma=chosen["gamma"],
+                           staleness_limit=c.staleness_limit, stale_policy=c.stale_policy, stale_decay=c.stale_decay,
+                           baseline=c.baseline and chosen["variant"] == "pg_clip")
+        return TrainPlan(steps=settings.steps, params=params, batch_size=chosen["batch_size"], rules=rules,
+                         horizon_text=str(chosen["horizon"]).lower(), publish=settings.publish,
+                         beta_overridden=settings.beta is not None)
 
     def train(self, settings: TrainSettings, report: Callable[[Progress], None],
               cancel: threading.Event | None = None) -> None:
         """Run a Train request, calling `report` after every step and once more with done=True.
         Blocking; one run at a time (waits for a running one)."""
         self._require_loaded()
-        params, batch_size, horizon, horizon_text, gamma, publish = self.resolve(settings)
+        self.resolve(settings)  # bad overrides fail before waiting for a running call
         cancel = cancel or threading.Event()
         with self._train_lock:
             self.training = True
             try:
-                if settings.beta is None:
-                    params = StepParams(params.variant, self.beta, params.learning_rate, params.clip_eps,
-                                        params.max_grad_norm)  # the controller may have moved it meanwhile
-                self._train(settings.steps, params, batch_size, horizon, horizon_text, gamma, publish, report,
-                            cancel, beta_overridden=settings.beta is not None)
+                self._train(self.resolve(settings), report, cancel)  # beta: the controller may have moved it
             finally:
                 self.training = False
 
-    def _train(self, steps, params: StepParams, batch_size, horizon, horizon_text, gamma, publish,
-               report, cancel, beta_overridden: bool) -> None:
+    def wait_idle(self) -> None:
+        """Block until no Train call runs (its step, publish and checkpoint finished)."""
+        with self._train_lock:
+            pass
+
+    def _train(self, plan: TrainPlan, report: Callable[[Progress], None], cancel: threading.Event) -> None:
         c = self.config
         counts = self.store.counts()
-        one_pass = steps == 0
+        one_pass = plan.steps == 0
         if one_pass:
-            total = math.ceil(counts["pending"] / batch_size)
+            total = math.ceil(counts["pending"] / plan.batch_size)
             if total == 0:
                 raise FailedPrecondition("no pending annotations to train on (steps > 0 replays consumed ones)")
         else:
-            total = steps
+            total = plan.steps
             if counts["pending"] + counts["consumed"] == 0:
                 raise FailedPrecondition("no annotations stored to train on")
-        beta = params.beta
-        common = dict(total_steps=total, horizon=horizon_text, gamma=gamma)
+        params = plan.params
+        kl = KLController(params.beta, c.kl_target, c.beta_rate)
+        common = dict(total_steps=total, horizon=plan.horizon_text, gamma=plan.rules.gamma)
         published = 0
         done_steps = 0
         messages = []
@@ -304,16 +266,14 @@ class TrainerEngine:
             if cancel.is_set():
                 messages.append("cancelled")
                 break
-            examples, pending_seqs, stale_skipped = self._next_batch(batch_size, one_pass, horizon, gamma)
-            if self.config.baseline and params.variant == "pg_clip":
-                rows = subtract_baseline([list(e.rows) for e in examples])
-                examples = [replace(e, rows=tuple(r)) for e, r in zip(examples, rows, strict=True)]
+            examples, pending_seqs, stale_skipped = self._next_batch(plan, one_pass)
             if stale_skipped:
                 messages.append(f"{stale_skipped} stale annotations skipped")
             if not examples:
                 messages.append("no more annotations")
                 break
-            step_params = StepParams(params.variant, beta, params.learning_rate, params.clip_eps, params.max_grad_norm)
+            step_params = StepParams(params.variant, kl.beta, params.learning_rate, params.clip_eps,
+                                     params.max_grad_norm)
             result = self._collective_step(examples, step_params)
             if result.skipped:
                 log.warning("step skipped: loss %s, gradient norm %s (not finite)", result.loss, result.grad_norm)
@@ -324,11 +284,9 @@ class TrainerEngine:
                     self.last = result
                 self.store.mark_consumed(pending_seqs, self.step)
                 done_steps += 1
-                if c.kl_target is not None:  # Ziegler et al. (2019): proportional control of beta
-                    error = max(-0.2, min(0.2, (result.kl - c.kl_target) / c.kl_target))
-                    beta *= 1 + c.beta_rate * error
+                kl.update(result.kl)
             published_version = 0
-            if publish and c.publish_every and self.step % c.publish_every == 0 and not result.skipped:
+            if plan.publish and c.publish_every and self.step % c.publish_every == 0 and not result.skipped:
                 published_version = self.publish()
                 published = published_version
             if c.checkpoint_every and self.step % c.checkpoint_every == 0 and not result.skipped:
@@ -341,26 +299,26 @@ class TrainerEngine:
                 message="skipped: loss or gradient not finite; nothing applied" if result.skipped else "",
                 **common,
             ))
-        if self.config.kl_target is not None and not beta_overridden:
-            self.beta = beta  # the controller's state carries over (not for a per-call beta override)
-        if publish and self._dirty:
+        if kl.target is not None and not plan.beta_overridden:
+            self.beta = kl.beta  # the controller's state carries over (not for a per-call beta override)
+        if plan.publish and self._dirty:
             published = self.publish()
         if done_steps:
             self.save_checkpoint()
         last = self.last
         report(Progress(
             step=done_steps, loss=last.loss if last else 0.0, token_loss=last.token_loss if last else 0.0,
-            kl=last.kl if last else 0.0, beta=beta, model_version=self.version, published_version=published,
+            kl=last.kl if last else 0.0, beta=kl.beta, model_version=self.version, published_version=published,
             done=True, message="; ".join(dict.fromkeys(messages)), **common,
         ))
 
-    def _next_batch(self, size: int, one_pass: bool, horizon: int | None, gamma: float
-                    ) -> tuple[list[Example], list[int], int]:
-        """Up to `size` sequences: pending ones first (oldest first); unless this is a one-pass run,
-        the rest replayed from consumed ones, cycling. Stale annotations are down-weighted or
-        skipped (skipped pending ones are marked consumed untrained). Returns (examples, seqs of the
-        pending ones, number skipped as stale)."""
-        c = self.config
+    def _next_batch(self, plan: TrainPlan, one_pass: bool) -> tuple[list[Example], list[int], int]:
+        """Up to `plan.batch_size` sequences: pending ones first (oldest first); unless this is a
+        one-pass run, the rest replayed from consumed ones, cycling. Stale annotations are
+        down-weighted or skipped (skipped pending ones are marked consumed untrained); the batch
+        itself is made by plan.rules (rows.py). Returns (examples, seqs of the pending ones,
+        number skipped as stale)."""
+        size, rules = plan.batch_size, plan.rules
         chosen: list[tuple[StoredAnnotation, float]] = []
         pending_seqs: list[int] = []
         skipped = 0
@@ -372,8 +330,7 @@ class TrainerEngine:
             after = batch[-1].seq
             stale = []
             for item in batch:
-                factor = stale_factor(item.annotation.model_version, self.version, c.staleness_limit,
-                                      c.stale_policy, c.stale_decay)
+                factor = rules.factor(item.annotation, self.version)
                 if factor is None:
                     stale.append(item.seq)
                 else:
@@ -390,8 +347,7 @@ class TrainerEngine:
                     if item.seq in taken:
                         continue
                     self.replay_cursor = item.seq
-                    factor = stale_factor(item.annotation.model_version, self.version, c.staleness_limit,
-                                          c.stale_policy, c.stale_decay)
+                    factor = rules.factor(item.annotation, self.version)
                     if factor is None:
                         skipped += 1
                     else:
@@ -399,12 +355,7 @@ class TrainerEngine:
                         taken.add(item.seq)
                 if len(chosen) >= size:
                     break
-        examples = []
-        for item, factor in chosen:
-            a = item.annotation
-            rows = scaled(horizon_rows(a, horizon, gamma), factor)
-            if rows:
-                examples.append(Example(a.prompt_ids, a.completion_ids, tuple(rows), a.behavior_logprobs))
+        examples = rules.batch([(item.annotation, factor) for item, factor in chosen])
         return examples, pending_seqs, skipped
 
     def _collective_step(self, examples: list[Example], params: StepParams) -> StepResult:
@@ -434,8 +385,6 @@ class TrainerEngine:
 
     def publish(self) -> int:
         """Give the current weights the next version and send them to the policy servers."""
-        from trainer_server.publish import Snapshot  # grpc-free import path for engine users without servers
-
         floor = self.publisher.max_version() if self.publisher is not None else -1
         with self._state_lock:
             self.version = max(self.version, floor) + 1
@@ -465,7 +414,7 @@ class TrainerEngine:
     def status(self) -> Status:
         self._require_loaded()
         last = self.last
-        policies = list(self.publisher.states.values()) if self.publisher is not None else []
+        policies = self.publisher.policy_states() if self.publisher is not None else []
         return Status(
             counts=self.store.counts(), model_version=self.version, step=self.step,
             last_loss=last.loss if last else 0.0, last_token_loss=last.token_loss if last else 0.0,
@@ -476,6 +425,4 @@ class TrainerEngine:
 
     def _require_loaded(self) -> None:
         if not self.loaded:
-            from common.errors import Unavailable
-
             raise Unavailable("the trainer is still loading its model")

@@ -9,8 +9,8 @@ found by the same loop and sent the newest snapshot under the trainer's current 
 `publish()` hands a new snapshot to the keepers and waits (bounded) until every server has it or
 has failed once, so a Train stream can report what each server holds.
 
-This is the trainer's only gRPC client; the engine calls it through `publish_blocking` from its
-training thread and never imports grpc itself.
+This is the trainer's only gRPC client. server.py hands it to the engine, which sees only the
+api.WeightPublisher protocol and calls `publish_blocking` from its training thread.
 """
 
 from __future__ import annotations
@@ -19,15 +19,14 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import grpc
-import torch
 
 import tokenfeedback.v1.policy_pb2 as policy_pb2
 import tokenfeedback.v1.policy_pb2_grpc as policy_pb2_grpc
 from common.auth import Secret
-from common.weights import UpdateSummary, dtype_name, iter_chunks, summarize_state_dict
+from common.weights import iter_chunks
+from trainer_server.api import PolicyState, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -37,40 +36,9 @@ CHANNEL_OPTIONS = [
 ]
 
 
-@dataclass
-class PolicyState:
-    """What the trainer knows about one policy server (PolicyServerState in trainer.proto)."""
-
-    address: str
-    model_version: int = -1  # -1: unknown (never reached, or lost contact)
-    reachable: bool = False
-    last_error: str = ""
-    dtype: str = ""  # the server's parameter dtype (GetModelInfo)
-    last_publish_seconds: float = 0.0
-    last_publish_bytes: int = 0
-
-
-@dataclass
-class Snapshot:
-    """A published set of weights: CPU tensors, in the trainer's dtype, under `version`."""
-
-    version: int
-    tensors: dict[str, torch.Tensor]
-    _by_dtype: dict[str, tuple[dict[str, torch.Tensor], UpdateSummary]] = field(default_factory=dict)
-
-    def for_dtype(self, dtype: str) -> tuple[dict[str, torch.Tensor], UpdateSummary]:
-        """The tensors cast to a server's dtype, with the header/commit summary (computed once)."""
-        if dtype not in self._by_dtype:
-            tensors = self.tensors
-            if dtype and any(dtype_name(t.dtype) != dtype for t in tensors.values() if t.is_floating_point()):
-                target = getattr(torch, dtype)
-                tensors = {k: (v.to(target) if v.is_floating_point() else v) for k, v in tensors.items()}
-            self._by_dtype[dtype] = (tensors, summarize_state_dict(tensors))
-        return self._by_dtype[dtype]
-
-
 class Publisher:
-    """Keeps every policy server at the newest published snapshot. Runs on the event loop."""
+    """Keeps every policy server at the newest published snapshot. Runs on the event loop; the
+    engine sees it as an api.WeightPublisher."""
 
     def __init__(self, addresses: tuple[str, ...], chunk_bytes: int, timeout: float, retry: float,
                  poll: float | None = None, credentials: grpc.ChannelCredentials | None = None,
@@ -111,6 +79,9 @@ class Publisher:
     def max_version(self) -> int:
         """The highest version any server is known to hold (-1 when none is known)."""
         return max((s.model_version for s in self.states.values()), default=-1)
+
+    def policy_states(self) -> list[PolicyState]:
+        return list(self.states.values())
 
     def set_current(self, snapshot: Snapshot) -> None:
         """The snapshot late servers are brought to (at start: the resumed weights, if any)."""

@@ -1,13 +1,18 @@
-"""Training rows: what a validated annotation turns into, and the steps between it and the kernel.
+"""Training rows: what a validated annotation turns into, and the one place where stored
+annotations become a training batch, next to the controller of the loss's KL coefficient.
 
-An annotation row is (position t, target token y, weight w) (DESIGN.md, "The loss"). The store
+An annotation row is (position t, target token y, weight w) (docs/design.md, "The loss"). The store
 keeps each annotation's *base rows*: one sampled-token row per judged position, whose weight is
 the token reward r_t the person gave (token labels and spans merged), plus the replacement rows.
-At training time two steps turn base rows into the rows the kernel sees, in this order:
+At training time `BatchRules.batch` turns base rows into the rows the kernel sees, in this order:
 
 1. `horizon_rows`: token rewards and the sequence reward become the sampled rows' weights
-   G_t = sum_{k<h} gamma^k r_{t+k} (DESIGN.md, "Horizon"); replacement rows stay as they are.
-2. `stale_factor`: an annotation judged by weights more than K versions old is down-weighted.
+   G_t = sum_{k<h} gamma^k r_{t+k} (docs/design.md, "Horizon"); replacement rows stay as they are.
+2. `stale_factor`: an annotation judged by weights more than K versions old is down-weighted
+   (docs/design.md, "Versions and staleness").
+3. `subtract_baseline` (pg_clip with --baseline): the batch-mean return is subtracted.
+
+`KLController` moves beta between steps when a KL target is set (docs/design.md, "The loss").
 
 Rows after a replacement token are trained on the sampled sequence: the context c_t of every
 position is prompt + the *sampled* completion tokens before t, even when an earlier token was
@@ -60,7 +65,7 @@ def merge_token_rewards(
 
 
 def horizon_rows(annotation: Annotation, horizon: int | None = 1, gamma: float = 1.0) -> list[Row]:
-    """The sampled rows' weights after credit assignment (DESIGN.md, "Horizon").
+    """The sampled rows' weights after credit assignment (docs/design.md, "Horizon").
 
     r_t is the base reward at t (0 where nothing was said) plus the sequence reward at the last
     token; G_t = sum_{k=0}^{h-1} gamma^k r_{t+k}, terms past the end 0; horizon None means the
@@ -100,7 +105,7 @@ def horizon_rows(annotation: Annotation, horizon: int | None = 1, gamma: float =
 
 
 def subtract_baseline(batch: list[list[Row]]) -> list[list[Row]]:
-    """The optional baseline of the pg variants (DESIGN.md, "Horizon"): the mean sampled-row weight
+    """The optional baseline of the pg variants (docs/design.md, "Horizon"): the mean sampled-row weight
     G over the batch is subtracted from every sampled row, so that a batch of only good (or only
     bad) sequences still pushes its better ones up relative to its worse ones. Replacement rows
     are targets named by a person, not returns: they keep their weight."""
@@ -131,3 +136,63 @@ def scaled(rows: list[Row], factor: float) -> list[Row]:
 
 def finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One sequence of a batch, its rows after the horizon, staleness and baseline steps."""
+
+    prompt_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]
+    rows: tuple[Row, ...]
+    behavior_logprobs: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class BatchRules:
+    """How stored annotations become a batch: the horizon and discount of a Train call, the
+    staleness rule of the configuration, and whether the pg baseline applies."""
+
+    horizon: int | None = 1  # None: the whole sequence
+    gamma: float = 1.0
+    staleness_limit: int = -1  # K; -1 disables
+    stale_policy: str = "downweight"  # downweight | skip
+    stale_decay: float = 0.5
+    baseline: bool = False  # subtract the batch-mean return (only pg_clip asks for it)
+
+    def factor(self, annotation: Annotation, current_version: int) -> float | None:
+        """The staleness multiplier of an annotation when training `current_version`; None: skip it."""
+        return stale_factor(annotation.model_version, current_version, self.staleness_limit, self.stale_policy,
+                            self.stale_decay)
+
+    def batch(self, chosen: list[tuple[Annotation, float]]) -> list[Example]:
+        """The examples of a batch from (annotation, staleness factor) pairs; annotations left
+        without rows (a horizon that sums to nothing) are dropped."""
+        examples = []
+        for a, factor in chosen:
+            rows = scaled(horizon_rows(a, self.horizon, self.gamma), factor)
+            if rows:
+                examples.append(Example(a.prompt_ids, a.completion_ids, tuple(rows), a.behavior_logprobs))
+        if self.baseline and examples:
+            rows = subtract_baseline([list(e.rows) for e in examples])
+            examples = [Example(e.prompt_ids, e.completion_ids, tuple(r), e.behavior_logprobs)
+                        for e, r in zip(examples, rows, strict=True)]
+        return examples
+
+
+class KLController:
+    """The KL coefficient beta of the loss across steps: fixed, or with a target KL per position
+    the proportional controller of Ziegler et al. (2019), beta *= 1 + K_beta * clip(err, +-0.2)
+    with err = (KL - target) / target (docs/design.md, "The loss")."""
+
+    def __init__(self, beta: float, target: float | None = None, rate: float = 0.1):
+        self.beta = beta
+        self.target = target
+        self.rate = rate
+
+    def update(self, kl: float) -> float:
+        """After a step that measured mean KL `kl`: the beta of the next step."""
+        if self.target is not None:
+            error = max(-0.2, min(0.2, (kl - self.target) / self.target))
+            self.beta *= 1 + self.rate * error
+        return self.beta

@@ -1,6 +1,6 @@
 """One optimizer step of the token-level loss: the policy, the frozen reference, the fused kernel.
 
-The loss is DESIGN.md's (normative), computed by `kernels.fused_linear_token_loss` from the
+The loss is docs/design.md's ("The loss", normative), computed by `kernels.fused_linear_token_loss` from the
 policy's last hidden states (the input of lm_head, i.e. after the final layer norm) and lm_head
 weight against the frozen reference's:
 
@@ -34,17 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer_server.distributed import Collective
-from trainer_server.rows import Row
-
-
-@dataclass(frozen=True)
-class Example:
-    """One sequence of a batch, its rows after the horizon and staleness steps."""
-
-    prompt_ids: tuple[int, ...]
-    completion_ids: tuple[int, ...]
-    rows: tuple[Row, ...]
-    behavior_logprobs: tuple[float, ...] | None = None
+from trainer_server.rows import Example
 
 
 @dataclass(frozen=True)

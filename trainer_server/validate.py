@@ -6,7 +6,7 @@ part of it that is wrong: `sequences[3] (annotation_id='a-17').token_labels[0].p
 engine validates a whole request first and stores nothing when any sequence fails (unless the
 client asked for partial acceptance).
 
-Span labels follow DESIGN.md, "Spans from labeling tools", through common/spans.py (the same
+Span labels follow docs/design.md, "Spans", through common/spans.py (the same
 rules the policy server's AlignSpans applies). Labels are merged per position: a position judged
 twice must be judged with the same weight (overlapping spans with the same weight are merged
 into one span first), otherwise the sequence is rejected as conflicting.
@@ -16,52 +16,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from common import spans as spanlib
 from common.errors import InvalidArgument
+from trainer_server.api import SequenceInput
 from trainer_server.rows import Annotation, merge_token_rewards
 
 MAX_ID_CHARS = 200  # annotation_id / annotator_id length limit
 MAX_METADATA_BYTES = 64 * 1024  # all metadata keys + values, UTF-8
-# Texts are capped before tokenizing at max_seq_len * this many characters (issue 7: no request may
+# Texts are capped before tokenizing at max_seq_len * this many characters (docs/design.md, "Errors and limits": no request may
 # cost more work than the longest sequence the trainer accepts); no tokenizer packs more per token.
 MAX_CHARS_PER_TOKEN = 64
-
-
-@dataclass(frozen=True)
-class TokenLabelInput:
-    position: int
-    weight: float
-    replacement_token_id: int | None = None
-    replacement_weight: float | None = None
-
-
-@dataclass(frozen=True)
-class SpanLabelInput:
-    start: int
-    end: int
-    weight: float
-    replacement_text: str | None = None
-    text: str = ""  # the tool's copy of the spanned text, "" when not given
-
-
-@dataclass(frozen=True)
-class SequenceInput:
-    """One submitted annotated sequence (AnnotatedSequence in trainer.proto)."""
-
-    annotation_id: str
-    prompt_text: str = ""
-    prompt_token_ids: Sequence[int] = ()
-    completion_text: str = ""
-    completion_token_ids: Sequence[int] = ()
-    model_version: int = 0
-    behavior_logprobs: Sequence[float] = ()
-    token_labels: Sequence[TokenLabelInput] = ()
-    span_labels: Sequence[SpanLabelInput] = ()
-    sequence_reward: float | None = None
-    annotator_id: str = ""
-    metadata: dict[str, str] = field(default_factory=dict)
 
 
 def sequence_field(index: int, annotation_id: str) -> str:
@@ -250,7 +215,7 @@ class Validator:
         return self._check_ids(ids, "completion_text", fail)
 
     def _span_rows(self, seq: SequenceInput, prompt, completion, judge, replace, fail) -> None:
-        """Span labels -> judged positions and replacement rows (DESIGN.md, "Spans")."""
+        """Span labels -> judged positions and replacement rows (docs/design.md, "Spans")."""
         text, pieces = spanlib.pieces_from_ids(self.tokenizer, completion, context_ids=prompt)
         resolved = []  # (start, end, label index)
         for k, label in enumerate(seq.span_labels):
