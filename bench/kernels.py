@@ -33,10 +33,23 @@ How it is measured:
   reference heads, grad hidden, grad W) against a measured bf16 matmul.
 
 Ratios are against the eager baseline of the same size: time ratio < 1 is faster, memory ratio
-< 1 is smaller.
+< 1 is smaller. Every timed case also gets its achieved rates against the device's, measured at
+the start of the run on the same device (CPU or GPU): FLOP/s (fused-linear: 8 N H V for our loss,
+policy and reference logits, grad hidden, grad W; 6 N H V for the cross-entropy-only baselines,
+which have no reference head) as a share of a measured matmul of the case's dtype, and bytes
+moved per second (what the loss must read and write at least: logits path 5 N V elements;
+fused-linear path the inputs once and their gradients once, 3 (N H + V H) elements) as a share
+of a measured copy.
 
     python -m bench --only kernels [--quick]
     python -m bench.kernels [--quick]        # also writes bench/results/kernels.json and a PNG plot
+    python -m bench.kernels --n 1024,4096,16384 --v 32000,128256 --h 2048,4096 --dtype bf16,fp32 \
+        --backends ours,eager,compile,liger,cce [--path fused,logits] [--repeats 3] [--out FILE.json]
+
+Back ends: ours (the Triton kernel on CUDA, kernels/cpu.py elsewhere), eager (plain PyTorch),
+compile (the same under torch.compile), liger (Liger Kernel's fused linear cross entropy and
+JSD), cce (cut-cross-entropy). The last two need CUDA and their packages; without them the run
+says so and goes on without their columns.
 """
 
 from __future__ import annotations
@@ -49,6 +62,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -297,30 +311,43 @@ def measure_group(group: dict, impls: list[str], repeats: int) -> list[dict]:
     return results
 
 
-# ---- device peaks (GPU) ---------------------------------------------------------------------------
+# ---- device peaks ----------------------------------------------------------------------------------
 
 
-def device_peaks() -> dict:
-    """Measured device-to-device copy bandwidth (bytes/s) and bf16 matmul rate (FLOP/s)."""
-    x = torch.empty(2**28, dtype=torch.float32, device="cuda")  # 1 GiB
+def device_peaks(device: str, dtypes: list[str]) -> dict:
+    """Measured copy bandwidth (bytes read + written per second) and matmul rate (FLOP/s) per
+    dtype, on `device`: the best of several runs of a large copy and a square matmul (GPU: 1 GiB,
+    8192^2; CPU: 256 MiB, 2048^2, with the threads torch uses)."""
+    gpu = device == "cuda"
+    elements, size, repeats = (2**28, 8192, 10) if gpu else (2**26, 2048, 3)
+    x = torch.empty(elements, dtype=torch.float32, device=device).fill_(1.0)
     y = torch.empty_like(x)
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
 
-    def best(f, repeats=10):
+    def best(f):
         f()
-        torch.cuda.synchronize()
+        _sync(device)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
             f()
-            torch.cuda.synchronize()
+            _sync(device)
             times.append(time.perf_counter() - start)
         return min(times)
 
     copy_s = best(lambda: y.copy_(x))
-    mm_s = best(lambda: a @ b)
-    return {"copy_bytes_per_s": 2 * x.numel() * 4 / copy_s, "bf16_matmul_flop_per_s": 2 * 8192**3 / mm_s}
+    peaks = {"copy_bytes_per_s": 2 * elements * 4 / copy_s, "matmul_flop_per_s": {}}
+    x = y = None  # free the copy buffers before the matmuls
+    for name in dtypes:
+        a = torch.randn(size, size, device=device).to(getattr(torch, name))
+        b = torch.randn(size, size, device=device).to(getattr(torch, name))
+        peaks["matmul_flop_per_s"][name] = 2 * size**3 / best(lambda a=a, b=b: a @ b)
+    return peaks
+
+
+# FLOPs of one forward + backward at (N, H, V), fused-linear path: our loss and the plain one do
+# the policy and reference logits, grad hidden and grad W (4 matmuls of 2 N H V); the
+# cross-entropy-only baselines have no reference head (3 of them); Liger's JSD has both heads.
+FUSED_MATMULS = {"plain": 4, "compiled": 4, "cpu": 4, "triton": 4, "liger_jsd": 4, "liger_flce": 3, "cce": 3}
 
 
 # ---- the whole run ---------------------------------------------------------------------------------
@@ -354,30 +381,85 @@ def plan(quick: bool, device: str) -> tuple[list[tuple[dict, list[str]]], int]:
 
 
 def add_ratios(results: list[dict], peaks: dict | None) -> None:
-    """time_ratio and memory_ratio against the eager baseline of the same size; device shares."""
-    base = {(r["path"], r["n"], r["v"], r["h"]): r for r in results if r["impl"] == "plain"}
+    """time_ratio and memory_ratio against the eager baseline of the same size (same dtype);
+    achieved FLOP/s and bytes/s with their shares of the device's measured rates."""
+    base = {(r["path"], r["n"], r["v"], r["h"], r["dtype"]): r for r in results if r["impl"] == "plain"}
     for r in results:
-        b = base.get((r["path"], r["n"], r["v"], r["h"]))
+        b = base.get((r["path"], r["n"], r["v"], r["h"], r["dtype"]))
         if b and "seconds" in r and "seconds" in b:
             r["time_ratio"] = round(r["seconds"] / b["seconds"], 3)
         if b and "peak_bytes" in r and b.get("peak_bytes"):
             r["memory_ratio"] = round(r["peak_bytes"] / b["peak_bytes"], 3)
-        if peaks and "seconds" in r and r["impl"] in ("triton", "plain", "compiled"):
-            itemsize = torch.finfo(getattr(torch, r["dtype"])).bits // 8
-            if r["path"] == "logits":
-                r["bytes_per_s"] = 5 * r["n"] * r["v"] * itemsize / r["seconds"]
-                r["share_of_copy"] = round(r["bytes_per_s"] / peaks["copy_bytes_per_s"], 3)
+        if not peaks or "seconds" not in r:
+            continue
+        itemsize = torch.finfo(getattr(torch, r["dtype"])).bits // 8
+        n, v, h = r["n"], r["v"], r["h"]
+        if r["path"] == "logits":
+            moved = 5 * n * v * itemsize
+        else:
+            moved = 3 * (n * h + v * h) * itemsize
+            r["flop_per_s"] = FUSED_MATMULS.get(r["impl"], 4) * 2 * n * h * v / r["seconds"]
+            rate = peaks["matmul_flop_per_s"].get(r["dtype"])
+            if rate:
+                r["share_of_matmul"] = round(r["flop_per_s"] / rate, 3)
+        r["bytes_per_s"] = moved / r["seconds"]
+        r["share_of_copy"] = round(r["bytes_per_s"] / peaks["copy_bytes_per_s"], 3)
+
+
+DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+          "fp32": "float32", "float32": "float32"}
+BACKENDS = ("ours", "eager", "compile", "liger", "cce")
+
+
+def custom_plan(device: str, ns: list[int], vs: list[int], hs: list[int], dtypes: list[str], backends: list[str],
+                paths: list[str]) -> tuple[list[tuple[dict, list[str]]], list[str]]:
+    """Every (path, dtype, V, H, N) asked for, with the back ends that can run here; also the
+    lines saying which were skipped and why."""
+    impls, skipped = [], []
+    for name in backends:
+        if name == "ours":
+            impls.append("triton" if device == "cuda" else "cpu")
+        elif name == "eager":
+            impls.append("plain")
+        elif name == "compile":
+            impls.append("compiled")
+        else:
+            module, extra, made = {"liger": ("liger_kernel", "liger-kernel", ["liger_flce", "liger_jsd"]),
+                                   "cce": ("cut_cross_entropy", "cut-cross-entropy", ["cce"])}[name]
+            if device != "cuda":
+                skipped.append(f"{name}: skipped, it needs CUDA and this run is on {device}")
+            elif not _installed(module):
+                skipped.append(f"{name}: skipped, {module} is not installed (pip install {extra})")
             else:
-                r["flop_per_s"] = 8 * r["n"] * r["h"] * r["v"] / r["seconds"]
-                r["share_of_matmul"] = round(r["flop_per_s"] / peaks["bf16_matmul_flop_per_s"], 3)
+                impls += made
+    if "plain" not in impls:
+        impls.insert(0, "plain")  # the baseline of every ratio
+        skipped.append("eager: added, every ratio is against it")
+    groups = []
+    for path in paths:
+        for dtype in dtypes:
+            for v in vs:
+                for h in (hs if path == "fused" else [0]):
+                    for n in ns:
+                        here = [i for i in impls if path == "fused" or i in ("plain", "compiled", "cpu", "triton")]
+                        groups.append((dict(path=path, n=n, v=v, h=h, dtype=dtype, device=device), here))
+    return groups, skipped
 
 
-def run(quick: bool) -> dict:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    peaks = device_peaks() if device == "cuda" else None
+def run(quick: bool, groups: list[tuple[dict, list[str]]] | None = None, repeats: int | None = None,
+        device: str | None = None, plot_path: Path = RESULTS / "kernels.png") -> dict:
+    """Measure `groups` (default: the plan for `quick`), print a table, plot; returns the summary."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if groups is None:
+        groups, default_repeats = plan(quick, device)
+        repeats = repeats or default_repeats
+    repeats = repeats or 3
+    peaks = device_peaks(device, sorted({g["dtype"] for g, _ in groups}))
+    print("device peaks: copy {:.1f} GB/s; matmul {}".format(
+        peaks["copy_bytes_per_s"] / 1e9,
+        ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks["matmul_flop_per_s"].items())), flush=True)
     results = []
     load_before = os.getloadavg()[0]
-    groups, repeats = plan(quick, device)
     for group, impls in groups:
         got = measure_group(group, impls, repeats)
         add_ratios(got, peaks)
@@ -395,9 +477,9 @@ def run(quick: bool) -> dict:
     }
     print()
     print(format_table(results))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(summary, RESULTS / "kernels.png")
-    print(f"plot: {RESULTS / 'kernels.png'}")
+    plot_path.parent.mkdir(parents=True, exist_ok=True)
+    plot(summary, plot_path)
+    print(f"plot: {plot_path}")
     target = done_when(results)
     if target:
         summary["done_when_cpu_fused_4096_50257_768"] = target
@@ -421,17 +503,20 @@ def done_when(results: list[dict]) -> dict | None:
 def _row(r: dict) -> str:
     t = f"{r['seconds'] * 1e3:10.1f}" if "seconds" in r else f"{'-':>10}"
     m = f"{r['peak_bytes'] / 2**20:10.0f}" if "peak_bytes" in r else f"{'-':>10}"
-    tr = f"{r['time_ratio']:6.2f}" if "time_ratio" in r else f"{'':>6}"
-    mr = f"{r['memory_ratio']:6.3f}" if "memory_ratio" in r else f"{'':>6}"
-    share = r.get("share_of_copy", r.get("share_of_matmul"))
-    extra = f"  {share:.0%} of peak" if share is not None else ""
+    tr = f"{r['time_ratio']:7.2f}" if "time_ratio" in r else f"{'':>7}"
+    mr = f"{r['memory_ratio']:7.3f}" if "memory_ratio" in r else f"{'':>7}"
+    flops = f"{r['flop_per_s'] / 1e9:9.1f}" if "flop_per_s" in r else f"{'':>9}"
+    mm = f"{r['share_of_matmul']:6.0%}" if "share_of_matmul" in r else f"{'':>6}"
+    gbs = f"{r['bytes_per_s'] / 1e9:8.2f}" if "bytes_per_s" in r else f"{'':>8}"
+    bw = f"{r['share_of_copy']:6.0%}" if "share_of_copy" in r else f"{'':>6}"
     err = f"  ERROR {r['error']}" if "error" in r else ""
     return (f"{r['path']:<7}{r['impl']:<11}{r['n']:>6}{r['v']:>8}{r['h']:>6} {r['dtype']:<9}"
-            f"{t}{m}{tr}{mr}{extra}{err}")  # fmt: skip
+            f"{t}{m}{tr}{mr}{flops}{mm}{gbs}{bw}{err}")  # fmt: skip
 
 
 def format_table(results: list[dict]) -> str:
-    head = f"{'path':<7}{'impl':<11}{'N':>6}{'V':>8}{'H':>6} {'dtype':<9}{'ms':>10}{'peak MiB':>10}{'time x':>6}{'mem x':>6}"
+    head = (f"{'path':<7}{'impl':<11}{'N':>6}{'V':>8}{'H':>6} {'dtype':<9}{'ms':>10}{'peak MiB':>10}"
+            f"{'time x':>7}{'mem x':>7}{'GFLOP/s':>9}{'of mm':>6}{'GB/s':>8}{'of bw':>6}")
     return "\n".join([head, *(_row(r) for r in results)])
 
 
@@ -443,16 +528,18 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cases = [r for r in summary["cases"] if "seconds" in r]
-    groups = sorted({(r["path"], r["v"], r["h"]) for r in cases})
+    groups = sorted({(r["path"], r["v"], r["h"], r["dtype"]) for r in cases})
+    if not groups:
+        return
     fig, axes = plt.subplots(len(groups), 2, figsize=(10, 3.2 * len(groups)), squeeze=False)
-    for row, (p, v, h) in enumerate(groups):
-        for impl in sorted({r["impl"] for r in cases if (r["path"], r["v"], r["h"]) == (p, v, h)}):
+    for row, (p, v, h, dtype) in enumerate(groups):
+        for impl in sorted({r["impl"] for r in cases if (r["path"], r["v"], r["h"], r["dtype"]) == (p, v, h, dtype)}):
             pts = sorted((r["n"], r["seconds"], r.get("peak_bytes")) for r in cases
-                         if (r["path"], r["v"], r["h"], r["impl"]) == (p, v, h, impl))  # fmt: skip
+                         if (r["path"], r["v"], r["h"], r["dtype"], r["impl"]) == (p, v, h, dtype, impl))  # fmt: skip
             axes[row][0].plot([q[0] for q in pts], [q[1] * 1e3 for q in pts], marker="o", label=impl)
             mem = [q for q in pts if q[2] is not None]
             axes[row][1].plot([q[0] for q in mem], [q[2] / 2**20 for q in mem], marker="o", label=impl)
-        title = f"{p} V={v}" + (f" H={h}" if p == "fused" else "") + f" ({summary['device']})"
+        title = f"{p} V={v}" + (f" H={h}" if p == "fused" else "") + f" {dtype} ({summary['device']})"
         for col, label in enumerate(("fwd+bwd ms", "peak extra MiB")):
             axes[row][col].set(title=title, xlabel="N (positions)", ylabel=label)
             axes[row][col].grid(alpha=0.3)
@@ -462,18 +549,59 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _names(choices) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [x.strip().lower() for x in text.split(",") if x.strip()]
+        unknown = [x for x in names if x not in choices]
+        if not names or unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown or text!r}; choose from {', '.join(choices)}")
+        return names
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the done-when size only (CPU), two sizes (GPU)")
+    parser.add_argument("--n", type=_ints, help="positions N, comma-separated (e.g. 1024,4096,16384)")
+    parser.add_argument("--v", type=_ints, help="vocabulary sizes V (default 50257)")
+    parser.add_argument("--h", type=_ints, help="hidden sizes H of the fused-linear path (default 768)")
+    parser.add_argument("--dtype", type=_names(tuple(DTYPES)), help="bf16, fp16, fp32 (default: fp32 on CPU, bf16 on CUDA)")
+    parser.add_argument("--backends", type=_names(BACKENDS), help=f"from {', '.join(BACKENDS)} (default all)")
+    parser.add_argument("--path", type=_names(("fused", "logits")), help="fused (default), logits, or both")
+    parser.add_argument("--repeats", type=int, help="timed runs per case, median reported (default 3)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    parser.add_argument("--out", type=Path, default=RESULTS / "kernels.json", help="JSON results (%(default)s)")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: measure one case, print JSON
     args = parser.parse_args(argv)
     if args.case:
         print(json.dumps(measure(json.loads(args.case))))
         return 0
-    summary = run(args.quick)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "kernels.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {RESULTS / 'kernels.json'}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    groups = None
+    if any(x is not None for x in (args.n, args.v, args.h, args.dtype, args.backends, args.path)):
+        dtypes = [DTYPES[d] for d in (args.dtype or (["bf16"] if device == "cuda" else ["fp32"]))]
+        groups, skipped = custom_plan(device, args.n or [4096], args.v or [50257], args.h or [768],
+                                      list(dict.fromkeys(dtypes)), args.backends or list(BACKENDS),
+                                      args.path or ["fused"])
+        for line in skipped:
+            print(line, flush=True)
+    summary = run(args.quick, groups, args.repeats, device, args.out.with_suffix(".png"))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {args.out}")
     return 0
 
 

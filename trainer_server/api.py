@@ -160,7 +160,7 @@ class WeightPublisher(Protocol):
 
 @dataclass
 class Status:
-    counts: dict[str, int]  # pending / consumed / withdrawn / total / rows (AnnotationStore.counts)
+    counts: dict[str, int]  # pending / consumed / withdrawn / quarantined / total / rows (AnnotationStore.counts)
     model_version: int
     step: int
     last_loss: float

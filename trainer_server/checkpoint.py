@@ -5,7 +5,11 @@ meta.json (step, model version, beta, the replay cursor, and the file sizes and 
 It is written atomically: everything goes into a temporary folder, each file is fsync'd, the
 folder is fsync'd, renamed to its final name, and the parent folder is fsync'd. A crash at any
 moment leaves either no new folder (only a `.tmp-*` one, removed at the next start) or a
-complete one, so the previous checkpoint always stays loadable.
+complete one, so the previous checkpoint always stays loadable. Saving a step that exists already
+(SaveCheckpoint twice) never deletes the complete folder before its replacement is in place: the
+old one is renamed aside (`.replaced-*`), the new one renamed in, and only then the old one
+removed; a crash between the two renames finds the old one aside at the next start and puts it
+back (docs/design.md, "State").
 
 The store's consumed marks belong to a checkpoint: meta.json records the step, and on resume
 `AnnotationStore.restore_consumed(step)` puts back to pending every annotation first consumed
@@ -78,11 +82,21 @@ class Checkpoints:
         root.mkdir(parents=True, exist_ok=True)
 
     def clean_partial(self) -> list[Path]:
-        """Remove folders a crash left half-written."""
+        """Remove folders a crash left half-written; put back a complete checkpoint that a crash
+        left renamed aside while its replacement was being renamed in."""
         removed = []
         for path in self.root.glob(".tmp-*"):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
+        for path in sorted(self.root.glob(".replaced-*")):
+            final = self.root / path.name.split("-", 1)[1].split(".", 1)[0]
+            if CKPT.match(final.name) and not final.exists():
+                os.rename(path, final)
+                _fsync_dir(self.root)
+                log.warning("put back checkpoint %s (a crash interrupted its replacement)", final)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
         return removed
 
     def complete(self) -> list[Path]:
@@ -109,10 +123,19 @@ class Checkpoints:
             _fsync_dir(tmp)
             if self.pause:
                 time.sleep(self.pause)
+            aside = None
             if final.exists():  # the same step saved again (e.g. SaveCheckpoint twice): replace it
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+                aside = self.root / f".replaced-{final.name}.{os.getpid()}-{time.monotonic_ns()}"
+                os.rename(final, aside)
+            try:
+                os.rename(tmp, final)
+            except BaseException:
+                if aside is not None:
+                    os.rename(aside, final)  # the complete one goes back
+                raise
             _fsync_dir(self.root)
+            if aside is not None:
+                shutil.rmtree(aside, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

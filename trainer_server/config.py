@@ -1,7 +1,7 @@
 """The trainer's configuration: one frozen dataclass, filled from the command line, logged at start.
 
 The dataclass is the one source: each field that is a flag carries its help (and, where the flag
-is not simply `--field-name`, its name) in the field's metadata, and `build_parser` makes the
+is not simply `--field-name`, its name) in the field's metadata, and common/flags.py makes the
 flags from the fields. Values are checked once, in `__post_init__`; the training parameters that
 a Train request may override per call are checked by `check_training`, the same function for the
 flag and for the override (docs/design.md, "Errors and limits").
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Mapping
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common.auth import (
@@ -29,6 +29,8 @@ from common.auth import (
     tokens_from_args,
 )
 from common.errors import InvalidArgument, quote
+from common.flags import add_flags, flag, flag_values
+from common.flags import flag_name as _flag_name
 from common.tls import TlsFiles, add_tls_arguments, tls_from_args
 
 VARIANTS = ("likelihood", "unlikelihood", "pg_clip")
@@ -37,13 +39,7 @@ OPTIMIZERS = ("adamw", "sgd")
 SYNC_MODES = ("full", "normal")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MAX_BATCH_SIZE = 65536  # sequences per optimizer step, flag or Train override
-
-
-def flag(default, help: str, *, name: str | None = None, aliases: tuple[str, ...] = (), **argparse_kwargs):
-    """A config field that is a command-line flag: `--<field-name>` unless `name` says otherwise;
-    `help` is the field's documentation. Type and action come from the default (bool: a switch)
-    unless argparse_kwargs give them."""
-    return field(default=default, metadata={"help": help, "flag": name, "aliases": aliases, "argparse": argparse_kwargs})
+MAX_BETA = 1e4  # KL coefficient, flag or Train override: beta * KL stays far inside float32
 
 
 @dataclass(frozen=True)
@@ -173,7 +169,7 @@ def _finite(value) -> bool:
 
 TRAINING_CHECKS = {  # field -> (holds, what it must be)
     "variant": (lambda v: v in VARIANTS, f"must be one of {VARIANTS}"),
-    "beta": (lambda v: _finite(v) and v >= 0, "must be finite and >= 0"),
+    "beta": (lambda v: _finite(v) and 0 <= v <= MAX_BETA, f"must be finite and in [0, {MAX_BETA:g}]"),
     "learning_rate": (lambda v: _finite(v) and 0 < v <= 1, "must be in (0, 1]"),
     "batch_size": (lambda v: isinstance(v, int) and 1 <= v <= MAX_BATCH_SIZE, f"must be in [1, {MAX_BATCH_SIZE}]"),
     "horizon": (lambda v: _horizon_ok(v), "must be a positive integer or 'full'"),
@@ -216,8 +212,7 @@ def parse_horizon(value: str) -> int | None:
 
 def flag_name(name: str) -> str:
     """The command-line flag of a config field ("learning_rate" -> "--lr")."""
-    meta = TrainerConfig.__dataclass_fields__[name].metadata
-    return meta.get("flag") or "--" + name.replace("_", "-")
+    return _flag_name(TrainerConfig, name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,22 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
         "fused per-token loss + KL to the reference, and publishes new weights to the policy servers. "
         "Run data-parallel with `torchrun --nproc-per-node K -m trainer_server ...`.",
     )
-    for f in fields(TrainerConfig):
-        if "help" not in f.metadata:
-            continue  # not a flag (set from other flags, or by the process)
-        kwargs = dict(f.metadata["argparse"])
-        help_text = f.metadata["help"]
-        if f.default is False:
-            kwargs.setdefault("action", "store_true")
-        else:
-            if f.default is not None and f.default is not MISSING:
-                kwargs.setdefault("type", type(f.default))
-                if help_text != argparse.SUPPRESS:
-                    help_text += " (default %(default)s)"
-            kwargs["default"] = f.default
-        p.add_argument(flag_name(f.name), *f.metadata["aliases"], dest=f.name, help=help_text, **kwargs)
-        if f.name == "http_port":  # the list of policy servers follows the transport flags
-            p.add_argument("--policy", default="", help="HOST:PORT[,HOST:PORT...] of the policy servers to publish to")
+    add_flags(p, TrainerConfig)
+    p.add_argument("--policy", default="", help="HOST:PORT[,HOST:PORT...] of the policy servers to publish to")
     add_tls_arguments(p)
     add_auth_arguments(p)
     p.add_argument("--policy-token-file", metavar="PATH", default=None,
@@ -275,8 +256,7 @@ def config_from_args(argv: list[str] | None = None, rank: int = 0, world_size: i
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             parser.error(f"--policy: expected HOST:PORT, got {address!r}")
-    values = {f.name: getattr(namespace, f.name) for f in fields(TrainerConfig) if "help" in f.metadata}
     try:
-        return TrainerConfig(**values, **security, policies=policies, rank=rank, world_size=world_size)
+        return TrainerConfig(**flag_values(namespace, TrainerConfig), **security, policies=policies, rank=rank, world_size=world_size)
     except ValueError as exc:
         parser.error(str(exc))

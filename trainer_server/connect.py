@@ -8,7 +8,7 @@ the same handler, tokens, stream slots (shared with the gRPC port), TLS and mess
 
 from __future__ import annotations
 
-from common.connect import HttpServer, announce_connect, route, service_routes
+from common.connect import CODECS, HttpServer, announce_connect, route, service_routes
 from common.guard import ConnectGuard, StreamSlots
 from common.rpc import connect_service
 from common.tls import uvicorn_ssl
@@ -22,7 +22,7 @@ async def start_connect(handler: TrainerHandler, config: TrainerConfig, slots: S
     announce it."""
     application = TrainerServiceASGIApplication(connect_service(handler, DESCRIPTOR),
                                                 interceptors=[ConnectGuard(config.auth, slots)],
-                                                read_max_bytes=config.max_message_bytes)
+                                                read_max_bytes=config.max_message_bytes, codecs=CODECS)
     server = HttpServer(route(service_routes([application])), config.host, config.http_port,
                         ssl=uvicorn_ssl(config.tls), max_body_bytes=config.max_message_bytes)
     bound = await server.start()

@@ -99,6 +99,7 @@ def annotation_pb(found: StoredAnnotation) -> trainer_pb2.StoredAnnotation:
         rows=[trainer_pb2.TrainingRow(position=r.position, token_id=r.token_id, weight=r.weight,
                                       replacement=r.replacement) for r in a.rows],
         annotator_id=a.annotator_id, metadata=a.metadata, stored_at=found.stored_at,
+        quarantine_reason=found.quarantine_reason,
     )
     if a.sequence_reward is not None:
         reply.sequence_reward = a.sequence_reward
@@ -118,6 +119,7 @@ def status_pb(s: Status) -> trainer_pb2.TrainerStatus:
     return trainer_pb2.TrainerStatus(
         annotations_total=s.counts["total"], annotations_pending=s.counts["pending"],
         annotations_consumed=s.counts["consumed"], annotations_withdrawn=s.counts["withdrawn"],
+        annotations_quarantined=s.counts["quarantined"],
         rows_total=s.counts["rows"], model_version=s.model_version, step=s.step, last_loss=s.last_loss,
         last_token_loss=s.last_token_loss, last_kl=s.last_kl, beta=s.beta, variant=s.variant,
         horizon=s.horizon, gamma=s.gamma, training=s.training, model_name=s.model_name,

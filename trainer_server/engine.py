@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, quote
 from common.hf import load_causal_lm
 from common.weights import unique_tensors
 from trainer_server.api import (
@@ -44,7 +44,7 @@ from trainer_server.distributed import Collective
 from trainer_server.rows import BatchRules, Example, KLController, horizon_rows
 from trainer_server.store import AnnotationStore, StoredAnnotation
 from trainer_server.training import PolicyTrainer, StepParams, StepResult
-from trainer_server.validate import Validator, sequence_field
+from trainer_server.validate import MAX_ID_CHARS, Validator, sequence_field
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,9 @@ class TrainerEngine:
         self.step = 0
         self.beta = config.beta
         self.replay_cursor = 0
+        self.vocab_size: int | None = None  # known once loaded
+        self.max_seq_len: int | None = None
+        self.quarantined = 0  # annotations quarantined by the running (or last) Train call
         self.last: StepResult | None = None
         self.training = False
         self.loaded = False
@@ -180,17 +183,18 @@ class TrainerEngine:
             raise InvalidArgument(f"at most {limit} ids per call (--max-batch-sequences), got {len(annotation_ids)}",
                                   "annotation_ids")
         for i, annotation_id in enumerate(annotation_ids):
-            if not annotation_id:
-                raise InvalidArgument("must not be empty", f"annotation_ids[{i}]")
+            if not 1 <= len(annotation_id) <= MAX_ID_CHARS:
+                raise InvalidArgument(f"must be 1..{MAX_ID_CHARS} characters, got {len(annotation_id)}",
+                                      f"annotation_ids[{i}]")
         return self.store.withdraw(annotation_ids)
 
     def get(self, annotation_id: str) -> StoredAnnotation:
         self._require_loaded()
-        if not annotation_id:
-            raise InvalidArgument("must not be empty", "annotation_id")
+        if not 1 <= len(annotation_id) <= MAX_ID_CHARS:
+            raise InvalidArgument(f"must be 1..{MAX_ID_CHARS} characters, got {len(annotation_id)}", "annotation_id")
         found = self.store.get(annotation_id)
         if found is None:
-            raise NotFound(f"no annotation {annotation_id!r} is stored", "annotation_id")
+            raise NotFound(f"no annotation {quote(annotation_id)} is stored", "annotation_id")
         return found
 
     def pending_count(self) -> int:
@@ -220,7 +224,8 @@ class TrainerEngine:
                             clip_eps=c.clip_eps, max_grad_norm=c.max_grad_norm)
         rules = BatchRules(horizon=parse_horizon(chosen["horizon"]), gamma=chosen["gamma"],
                            staleness_limit=c.staleness_limit, stale_policy=c.stale_policy, stale_decay=c.stale_decay,
-                           baseline=c.baseline and chosen["variant"] == "pg_clip")
+                           baseline=c.baseline and chosen["variant"] == "pg_clip", vocab_size=self.vocab_size,
+                           max_seq_len=self.max_seq_len)
         return TrainPlan(steps=settings.steps, params=params, batch_size=chosen["batch_size"], rules=rules,
                          horizon_text=str(chosen["horizon"]).lower(), publish=settings.publish,
                          beta_overridden=settings.beta is not None)
@@ -262,6 +267,7 @@ class TrainerEngine:
         published = 0
         done_steps = 0
         messages = []
+        self.quarantined = 0
         for index in range(total):
             if cancel.is_set():
                 messages.append("cancelled")
@@ -299,6 +305,8 @@ class TrainerEngine:
                 message="skipped: loss or gradient not finite; nothing applied" if result.skipped else "",
                 **common,
             ))
+        if self.quarantined:
+            messages.append(f"{self.quarantined} annotations quarantined (GetAnnotation says why)")
         if kl.target is not None and not plan.beta_overridden:
             self.beta = kl.beta  # the controller's state carries over (not for a per-call beta override)
         if plan.publish and self._dirty:
@@ -313,11 +321,27 @@ class TrainerEngine:
         ))
 
     def _next_batch(self, plan: TrainPlan, one_pass: bool) -> tuple[list[Example], list[int], int]:
+        """The next batch, made by plan.rules (rows.py). Annotations it finds untrainable are
+        quarantined (stored state, a log line naming each) and the batch is chosen again without
+        them, so one poisoned annotation never stops training (docs/design.md, "Errors and
+        limits"). Returns (examples, seqs of the pending ones, number skipped as stale)."""
+        stale_skipped = 0
+        while True:
+            chosen, pending_seqs, skipped = self._choose(plan, one_pass)
+            stale_skipped += skipped
+            batch = plan.rules.batch([(item.annotation, factor) for item, factor in chosen])
+            if not batch.untrainable:
+                return batch.examples, pending_seqs, stale_skipped
+            for index, reason in batch.untrainable:
+                log.warning("quarantined annotation %s: %s", quote(chosen[index][0].annotation.annotation_id), reason)
+            self.store.quarantine([(chosen[i][0].seq, reason) for i, reason in batch.untrainable])
+            self.quarantined += len(batch.untrainable)
+
+    def _choose(self, plan: TrainPlan, one_pass: bool) -> tuple[list[tuple[StoredAnnotation, float]], list[int], int]:
         """Up to `plan.batch_size` sequences: pending ones first (oldest first); unless this is a
         one-pass run, the rest replayed from consumed ones, cycling. Stale annotations are
-        down-weighted or skipped (skipped pending ones are marked consumed untrained); the batch
-        itself is made by plan.rules (rows.py). Returns (examples, seqs of the pending ones,
-        number skipped as stale)."""
+        down-weighted or skipped (skipped pending ones are marked consumed untrained). Returns
+        ((annotation, staleness factor) pairs, seqs of the pending ones, number skipped as stale)."""
         size, rules = plan.batch_size, plan.rules
         chosen: list[tuple[StoredAnnotation, float]] = []
         pending_seqs: list[int] = []
@@ -355,8 +379,7 @@ class TrainerEngine:
                         taken.add(item.seq)
                 if len(chosen) >= size:
                     break
-        examples = rules.batch([(item.annotation, factor) for item, factor in chosen])
-        return examples, pending_seqs, skipped
+        return chosen, pending_seqs, skipped
 
     def _collective_step(self, examples: list[Example], params: StepParams) -> StepResult:
         """Rank 0 sends the batch to the followers, then every rank steps on its shard."""

@@ -25,6 +25,7 @@ import grpc
 import tokenfeedback.v1.policy_pb2 as policy_pb2
 import tokenfeedback.v1.policy_pb2_grpc as policy_pb2_grpc
 from common.auth import Secret
+from common.metrics import trainer_meter
 from common.weights import iter_chunks
 from trainer_server.api import PolicyState, Snapshot
 
@@ -171,6 +172,8 @@ class Publisher:
         self._attempted[state.address] = max(self._attempted[state.address], snapshot.version)
         state.last_publish_seconds = time.perf_counter() - start
         state.last_publish_bytes = summary.total_bytes
+        trainer_meter().publish.labels(state.address).observe(state.last_publish_seconds)
+        trainer_meter().published_bytes.labels(state.address).inc(summary.total_bytes)
         log.info("policy %s now holds version %d (%.1f MB in %.2fs)", state.address, reply.model_version,
                  summary.total_bytes / 1e6, state.last_publish_seconds)
 

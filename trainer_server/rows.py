@@ -12,6 +12,10 @@ At training time `BatchRules.batch` turns base rows into the rows the kernel see
    (docs/design.md, "Versions and staleness").
 3. `subtract_baseline` (pg_clip with --baseline): the batch-mean return is subtracted.
 
+An annotation that cannot be trained on (`untrainable`: ids outside the vocabulary, weights or
+behavior logprobs outside the bounds below, e.g. stored before those bounds existed) is set
+aside with its reason, to be quarantined, and the batch goes on without it.
+
 `KLController` moves beta between steps when a KL target is set (docs/design.md, "The loss").
 
 Rows after a replacement token are trained on the sampled sequence: the context c_t of every
@@ -25,6 +29,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+# Bounds of the values training computes with in float32 (docs/design.md, "Errors and limits"),
+# checked at submit (validate.py) and again when a batch is made: a weight summed over a whole
+# sequence by the horizon, times a log-probability, times pg_clip's ratio exp(log p - mu), stays far
+# inside float32's range (3.4e38), so no annotation within them can make a training step non-finite.
+MAX_ABS_WEIGHT = 1e4  # |weight| of token and span labels, replacement_weight, |sequence_reward|
+MIN_BEHAVIOR_LOGPROB = -50.0  # behavior_logprobs in [this, 0]; a sampled token below e^-50 does not happen
 
 
 @dataclass(frozen=True)
@@ -148,10 +159,46 @@ class Example:
     behavior_logprobs: tuple[float, ...] | None = None
 
 
+def untrainable(a: Annotation, rows: list[Row], vocab_size: int | None = None,
+                max_seq_len: int | None = None) -> str | None:
+    """Why an annotation with these rows (after the horizon and staleness steps) cannot be
+    trained on, or None. Everything submitted within the bounds passes; what fails could only
+    have been stored by an older version or by hand."""
+    length = len(a.prompt_ids) + len(a.completion_ids)
+    if not a.prompt_ids or not a.completion_ids:
+        return f"prompt ({len(a.prompt_ids)}) and completion ({len(a.completion_ids)}) need a token each"
+    if max_seq_len is not None and length > max_seq_len:
+        return f"{length} tokens, more than the trainer's max sequence length {max_seq_len}"
+    if vocab_size is not None and any(not 0 <= t < vocab_size for t in (*a.prompt_ids, *a.completion_ids)):
+        return f"a token id outside the vocabulary [0, {vocab_size})"
+    # a horizon sums at most every token's reward and the sequence reward
+    limit = MAX_ABS_WEIGHT * (len(a.completion_ids) + 1)
+    for r in rows:
+        if not 0 <= r.position < len(a.completion_ids):
+            return f"row position {r.position} outside the completion's {len(a.completion_ids)} tokens"
+        if vocab_size is not None and not 0 <= r.token_id < vocab_size:
+            return f"row token id {r.token_id} outside the vocabulary [0, {vocab_size})"
+        if not (math.isfinite(r.weight) and abs(r.weight) <= limit):
+            return f"row weight {r.weight!r} at position {r.position} not finite or beyond {limit:g}"
+    if a.behavior_logprobs is not None:
+        if len(a.behavior_logprobs) != len(a.completion_ids):
+            return f"{len(a.behavior_logprobs)} behavior logprobs for {len(a.completion_ids)} completion tokens"
+        for t, mu in enumerate(a.behavior_logprobs):
+            if not (math.isfinite(mu) and MIN_BEHAVIOR_LOGPROB <= mu <= 0):
+                return f"behavior logprob {mu!r} at position {t} outside [{MIN_BEHAVIOR_LOGPROB:g}, 0]"
+    return None
+
+
+@dataclass(frozen=True)
+class Batch:
+    examples: list[Example]
+    untrainable: list[tuple[int, str]]  # (index into the annotations given, why), to be quarantined
+
+
 @dataclass(frozen=True)
 class BatchRules:
     """How stored annotations become a batch: the horizon and discount of a Train call, the
-    staleness rule of the configuration, and whether the pg baseline applies."""
+    staleness rule of the configuration, whether the pg baseline applies, and the model's limits."""
 
     horizon: int | None = 1  # None: the whole sequence
     gamma: float = 1.0
@@ -159,25 +206,30 @@ class BatchRules:
     stale_policy: str = "downweight"  # downweight | skip
     stale_decay: float = 0.5
     baseline: bool = False  # subtract the batch-mean return (only pg_clip asks for it)
+    vocab_size: int | None = None  # token ids must be below it; None: not checked
+    max_seq_len: int | None = None  # prompt + completion tokens; None: not checked
 
     def factor(self, annotation: Annotation, current_version: int) -> float | None:
         """The staleness multiplier of an annotation when training `current_version`; None: skip it."""
         return stale_factor(annotation.model_version, current_version, self.staleness_limit, self.stale_policy,
                             self.stale_decay)
 
-    def batch(self, chosen: list[tuple[Annotation, float]]) -> list[Example]:
-        """The examples of a batch from (annotation, staleness factor) pairs; annotations left
-        without rows (a horizon that sums to nothing) are dropped."""
-        examples = []
-        for a, factor in chosen:
+    def batch(self, chosen: list[tuple[Annotation, float]]) -> Batch:
+        """The examples of a batch from (annotation, staleness factor) pairs. Annotations left
+        without rows (a horizon that sums to nothing) are dropped; untrainable ones are set aside."""
+        examples, rejected = [], []
+        for index, (a, factor) in enumerate(chosen):
             rows = scaled(horizon_rows(a, self.horizon, self.gamma), factor)
-            if rows:
+            problem = untrainable(a, rows, self.vocab_size, self.max_seq_len)
+            if problem is not None:
+                rejected.append((index, problem))
+            elif rows:
                 examples.append(Example(a.prompt_ids, a.completion_ids, tuple(rows), a.behavior_logprobs))
         if self.baseline and examples:
             rows = subtract_baseline([list(e.rows) for e in examples])
             examples = [Example(e.prompt_ids, e.completion_ids, tuple(r), e.behavior_logprobs)
                         for e, r in zip(examples, rows, strict=True)]
-        return examples
+        return Batch(examples, rejected)
 
 
 class KLController:

@@ -26,6 +26,7 @@ import torch
 from common.auth import log_auth_summary
 from common.guard import GrpcGuard, StreamSlots
 from common.hf import resolve_device
+from common.metrics import watch_trainer
 from common.process import announce
 from common.rpc import ServerOptions, create_grpc_server, install_signal_handlers, set_serving
 from common.tls import channel_credentials, server_credentials
@@ -82,6 +83,7 @@ class TrainerApp:
 
     async def load(self) -> None:
         await asyncio.to_thread(self.engine.load)
+        watch_trainer(self.engine)  # its status at every /metrics scrape (common/metrics.py)
         await self.publisher.start()
         if self.engine.version > 0:  # resumed: servers that start at version 0 catch up to these weights
             self.publisher.set_current(Snapshot(self.engine.version, await asyncio.to_thread(self.engine.weights)))

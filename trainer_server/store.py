@@ -6,7 +6,9 @@ survives a crash or SIGKILL the next instant. An annotation_id is the idempotenc
 it again changes nothing and reports it as a duplicate.
 
 States: pending (stored, never trained on) -> consumed (trained on at least once) -> withdrawn
-(never trained on again; also reachable from pending). `consumed_step` records the optimizer step
+(never trained on again; also reachable from pending). Quarantined: found untrainable when a batch
+was made (rows.BatchRules.batch, e.g. weights stored before the submit bounds existed); kept with
+its reason, never trained on, training goes on with the rest (docs/design.md, "Errors and limits"). `consumed_step` records the optimizer step
 that first trained on an annotation, so that resuming from a checkpoint taken at step S can put
 back to pending everything first consumed after S: the weights on disk never saw those.
 
@@ -26,14 +28,14 @@ from pathlib import Path
 
 from trainer_server.rows import Annotation, Row
 
-PENDING, CONSUMED, WITHDRAWN = 1, 2, 3  # the proto's AnnotationState numbers
-STATE_NAMES = {PENDING: "pending", CONSUMED: "consumed", WITHDRAWN: "withdrawn"}
+PENDING, CONSUMED, WITHDRAWN, QUARANTINED = 1, 2, 3, 4  # the proto's AnnotationState numbers
+STATE_NAMES = {PENDING: "pending", CONSUMED: "consumed", WITHDRAWN: "withdrawn", QUARANTINED: "quarantined"}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS annotations (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,   -- arrival order
     annotation_id TEXT NOT NULL UNIQUE,      -- the client's idempotency key
-    state INTEGER NOT NULL,                  -- 1 pending, 2 consumed, 3 withdrawn
+    state INTEGER NOT NULL,                  -- 1 pending, 2 consumed, 3 withdrawn, 4 quarantined
     model_version INTEGER NOT NULL,          -- the policy version that produced the completion
     prompt_ids BLOB NOT NULL,                -- int32 little-endian
     completion_ids BLOB NOT NULL,            -- int32 little-endian
@@ -44,7 +46,8 @@ CREATE TABLE IF NOT EXISTS annotations (
     annotator_id TEXT NOT NULL,
     metadata TEXT NOT NULL,                  -- JSON object of strings
     stored_at REAL NOT NULL,                 -- Unix seconds
-    consumed_step INTEGER                    -- the optimizer step that first trained on it
+    consumed_step INTEGER,                   -- the optimizer step that first trained on it
+    quarantine_reason TEXT                   -- why it cannot be trained on (state 4)
 );
 CREATE INDEX IF NOT EXISTS annotations_state ON annotations(state, seq);
 """
@@ -57,6 +60,7 @@ class StoredAnnotation:
     state: int
     stored_at: float
     consumed_step: int | None
+    quarantine_reason: str = ""
 
 
 def _ints(blob: bytes) -> tuple[int, ...]:
@@ -87,6 +91,9 @@ class AnnotationStore:
         self._db.execute(f"PRAGMA synchronous={sync.upper()}")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(annotations)")}
+        if "quarantine_reason" not in columns:  # a store written before quarantine existed
+            self._db.execute("ALTER TABLE annotations ADD COLUMN quarantine_reason TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -168,6 +175,22 @@ class AnnotationStore:
                 self._db.execute("ROLLBACK")
                 raise
 
+    def quarantine(self, seqs_reasons: list[tuple[int, str]]) -> None:
+        """Pending or consumed -> quarantined, each with the reason it cannot be trained on."""
+        if not seqs_reasons:
+            return
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "UPDATE annotations SET state = ?, quarantine_reason = ? WHERE seq = ? AND state IN (?, ?)",
+                    [(QUARANTINED, reason, seq, PENDING, CONSUMED) for seq, reason in seqs_reasons],
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
     def restore_consumed(self, step: int) -> int:
         """Resume at a checkpoint taken after `step` optimizer steps: annotations first consumed
         after it go back to pending (the weights on disk never trained on them). Returns how many."""
@@ -207,21 +230,21 @@ class AnnotationStore:
         return [_decode(r) for r in rows]
 
     def replay(self, after_seq: int, limit: int) -> list[StoredAnnotation]:
-        """Non-withdrawn annotations after `after_seq`, in arrival order (cycling over old data
-        once nothing is pending)."""
+        """Pending and consumed annotations after `after_seq`, in arrival order (cycling over old
+        data once nothing is pending)."""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM annotations WHERE seq > ? AND state != ? ORDER BY seq LIMIT ?",
-                (after_seq, WITHDRAWN, limit),
+                f"SELECT {_COLUMNS} FROM annotations WHERE seq > ? AND state IN (?, ?) ORDER BY seq LIMIT ?",
+                (after_seq, PENDING, CONSUMED, limit),
             ).fetchall()
         return [_decode(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
-        """Annotations by state, their total, and the rows of the non-withdrawn ones."""
+        """Annotations by state, their total, and the rows of the trainable (pending, consumed) ones."""
         with self._lock:
             by_state = dict(self._db.execute("SELECT state, COUNT(*) FROM annotations GROUP BY state").fetchall())
             rows = self._db.execute(
-                "SELECT COALESCE(SUM(n_rows), 0) FROM annotations WHERE state != ?", (WITHDRAWN,)
+                "SELECT COALESCE(SUM(n_rows), 0) FROM annotations WHERE state IN (?, ?)", (PENDING, CONSUMED)
             ).fetchone()[0]
         counts = {name: by_state.get(state, 0) for state, name in STATE_NAMES.items()}
         counts["total"] = sum(by_state.values())
@@ -230,12 +253,12 @@ class AnnotationStore:
 
 
 _COLUMNS = ("seq, annotation_id, state, model_version, prompt_ids, completion_ids, behavior_logprobs, rows, "
-            "sequence_reward, annotator_id, metadata, stored_at, consumed_step")
+            "sequence_reward, annotator_id, metadata, stored_at, consumed_step, quarantine_reason")
 
 
 def _decode(row: tuple) -> StoredAnnotation:
     (seq, annotation_id, state, model_version, prompt, completion, behavior, rows, sequence_reward,
-     annotator_id, metadata, stored_at, consumed_step) = row
+     annotator_id, metadata, stored_at, consumed_step, quarantine_reason) = row
     annotation = Annotation(
         annotation_id=annotation_id,
         prompt_ids=_ints(prompt),
@@ -247,4 +270,4 @@ def _decode(row: tuple) -> StoredAnnotation:
         annotator_id=annotator_id,
         metadata=json.loads(metadata),
     )
-    return StoredAnnotation(seq, annotation, state, stored_at, consumed_step)
+    return StoredAnnotation(seq, annotation, state, stored_at, consumed_step, quarantine_reason or "")

@@ -18,15 +18,23 @@ import math
 from collections.abc import Sequence
 
 from common import spans as spanlib
-from common.errors import InvalidArgument
+from common.errors import InvalidArgument, quote
 from trainer_server.api import SequenceInput
-from trainer_server.rows import Annotation, merge_token_rewards
+from trainer_server.rows import MAX_ABS_WEIGHT, MIN_BEHAVIOR_LOGPROB, Annotation, merge_token_rewards
 
 MAX_ID_CHARS = 200  # annotation_id / annotator_id length limit
 MAX_METADATA_BYTES = 64 * 1024  # all metadata keys + values, UTF-8
 # Texts are capped before tokenizing at max_seq_len * this many characters (docs/design.md, "Errors and limits": no request may
 # cost more work than the longest sequence the trainer accepts); no tokenizer packs more per token.
 MAX_CHARS_PER_TOKEN = 64
+def weight_problem(value: float, positive: bool = False) -> str | None:
+    """Why `value` cannot be a weight or reward (None: it can): finite, |value| <= MAX_ABS_WEIGHT,
+    and > 0 when `positive`."""
+    bound = f"(0, {MAX_ABS_WEIGHT:g}]" if positive else f"[-{MAX_ABS_WEIGHT:g}, {MAX_ABS_WEIGHT:g}]"
+    low_ok = value > 0 if positive else value >= -MAX_ABS_WEIGHT
+    if math.isfinite(value) and low_ok and value <= MAX_ABS_WEIGHT:
+        return None
+    return f"must be finite and in {bound}, got {quote(value)}"
 
 
 def sequence_field(index: int, annotation_id: str) -> str:
@@ -81,12 +89,13 @@ class Validator:
                     f"must have one value per completion token ({len(completion)}), got {len(seq.behavior_logprobs)}",
                 )
             for i, value in enumerate(seq.behavior_logprobs):
-                if not (math.isfinite(value) and value <= 0):
-                    raise fail(f"behavior_logprobs[{i}]", f"must be a finite log-probability <= 0, got {value}")
+                if not (math.isfinite(value) and MIN_BEHAVIOR_LOGPROB <= value <= 0):
+                    raise fail(f"behavior_logprobs[{i}]",
+                               f"must be a log-probability in [{MIN_BEHAVIOR_LOGPROB:g}, 0], got {quote(value)}")
             behavior = tuple(float(v) for v in seq.behavior_logprobs)
 
-        if seq.sequence_reward is not None and not math.isfinite(seq.sequence_reward):
-            raise fail("sequence_reward", f"must be finite, got {seq.sequence_reward}")
+        if seq.sequence_reward is not None and (problem := weight_problem(seq.sequence_reward)):
+            raise fail("sequence_reward", problem)
         if not seq.token_labels and not seq.span_labels and seq.sequence_reward is None:
             raise fail("token_labels", "no labels: give token_labels, span_labels or a sequence_reward")
 
@@ -114,8 +123,8 @@ class Validator:
                            f"must be in [0, {len(completion)}) (the completion's tokens), got {label.position}")
             if any(other.position == label.position for other in seq.token_labels[:j]):
                 raise fail(f"{name}.position", f"position {label.position} is labeled twice")
-            if not math.isfinite(label.weight):
-                raise fail(f"{name}.weight", f"must be finite, got {label.weight}")
+            if problem := weight_problem(label.weight):
+                raise fail(f"{name}.weight", problem)
             judge(label.position, float(label.weight), name)
             if label.replacement_token_id is not None:
                 token = label.replacement_token_id
@@ -126,8 +135,8 @@ class Validator:
                 weight = label.replacement_weight
                 if weight is None:
                     weight = abs(label.weight) or 1.0
-                elif not (math.isfinite(weight) and weight > 0):
-                    raise fail(f"{name}.replacement_weight", f"must be finite and > 0, got {weight}")
+                elif problem := weight_problem(weight, positive=True):
+                    raise fail(f"{name}.replacement_weight", problem)
                 replace(label.position, int(token), float(weight), name)
             elif label.replacement_weight is not None:
                 raise fail(f"{name}.replacement_weight", "given without a replacement_token_id")
@@ -220,8 +229,8 @@ class Validator:
         resolved = []  # (start, end, label index)
         for k, label in enumerate(seq.span_labels):
             name = f"span_labels[{k}]"
-            if not math.isfinite(label.weight):
-                raise fail(f"{name}.weight", f"must be finite, got {label.weight}")
+            if problem := weight_problem(label.weight):
+                raise fail(f"{name}.weight", problem)
             try:
                 start, end = spanlib.resolve_span(text, spanlib.Span(label.start, label.end, label.text), "")
             except InvalidArgument as exc:
@@ -258,7 +267,7 @@ class Validator:
                                               label.replacement_text)
                 if row is None:
                     raise fail(f"{name}.replacement_text",
-                               f"{label.replacement_text!r} gives the sampled tokens again (nothing to replace)")
+                               f"{quote(label.replacement_text)} gives the sampled tokens again (nothing to replace)")
                 position, token = row
                 if not 0 <= token < self.vocab_size:
                     raise fail(f"{name}.replacement_text", f"tokenizes to id {token} outside the vocabulary")

@@ -17,7 +17,7 @@ from contextlib import closing
 import pytest
 
 from common.connect import CONNECT_LINE
-from tests.reliability.conftest import start_policy
+from tests.reliability.conftest import start_policy, start_trainer
 
 MESSAGE_LIMIT = 5 * 1024 * 1024  # the smallest --max-message-bytes
 STATUS = "/tokenfeedback.v1.PolicyService/GetModelInfo"  # unary, no input
@@ -276,3 +276,21 @@ def test_concurrent_large_uploads_hold_a_bounded_amount(policy):
     status, _, _ = exchange(address, head("POST", STATUS, {"content-type": "application/json",
                                                            "content-length": "2"}) + b"{}")
     assert status == 200, "the budget is free again"
+
+
+def test_the_trainer_connect_port_has_the_same_guard(tiny_model_dir, tmp_path):
+    # The trainer's HTTP port: the same strict JSON and early 413, at its own --max-message-bytes.
+    trainer = start_trainer(tiny_model_dir, tmp_path / "trainer", "--http-port", "0",
+                            "--max-message-bytes", str(MESSAGE_LIMIT))
+    try:
+        address = http_address(trainer)
+        body = json.dumps({"annotationIdd": "x"}).encode()
+        status, _, answer = exchange(address, head("POST", "/tokenfeedback.v1.TrainerService/GetAnnotation", {
+            "content-type": "application/json", "content-length": str(len(body))}) + body)
+        error = json.loads(answer)
+        assert status == 400 and error["code"] == "invalid_argument" and "annotationIdd" in error["message"], error
+        status, _, answer = exchange(address, head("POST", "/tokenfeedback.v1.TrainerService/SubmitAnnotations", {
+            "content-type": "application/proto", "content-length": str(MESSAGE_LIMIT + 1000)}))
+        assert status == 413 and str(MESSAGE_LIMIT).encode() in answer
+    finally:
+        trainer.stop()

@@ -40,7 +40,7 @@ def test_flag_names_are_the_documented_ones():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--beta", "-1"], "--beta: must be finite and >= 0"),
+    (["--beta", "-1"], "--beta: must be finite and in [0, 10000]"),
     (["--lr", "0"], "--lr: must be in (0, 1]"),
     (["--gamma", "2"], "--gamma: must be in [0, 1]"),
     (["--horizon", "0"], "--horizon: must be a positive integer or 'full'"),
@@ -57,6 +57,6 @@ def test_bad_flags_exit_with_the_flag_named(argv, message, capsys):
 def test_train_overrides_pass_the_same_check():
     with pytest.raises(InvalidArgument) as error:
         check_training("beta", float("nan"))
-    assert error.value.field == "beta" and "must be finite and >= 0" in error.value.detail
-    with pytest.raises(ValueError, match="--beta: must be finite and >= 0"):
+    assert error.value.field == "beta" and "must be finite and in [0, 10000]" in error.value.detail
+    with pytest.raises(ValueError, match=r"--beta: must be finite and in \[0, 10000\]"):
         TrainerConfig(beta=float("nan"))

@@ -1,0 +1,379 @@
+"""The scheduler: one thread that runs all model work, in a loop of steps, and the streams it feeds.
+
+A step: run queued jobs (Score, weight swaps), drop cancelled sequences, prefill newly admitted
+requests one by one (each samples its first token), then one forward for all running sequences of
+a model version (batch.py) and one sampled token per sequence. So concurrent streams share one
+forward per decoding step (docs/design.md, "Servers"). Events produced during a step are handed to
+their event loops at its end, one wake-up per loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from common.errors import ResourceExhausted, Unavailable
+from common.spans import IncrementalDecoder
+from policy_server.api import (
+    Alternative,
+    FinishReason,
+    GenerateEvent,
+    GenerationEnd,
+    GenerationStart,
+    TokenEvent,
+)
+from policy_server.batch import Batch, cache_kwarg, output_cache
+from policy_server.config import EngineConfig
+from policy_server.sampling import Sample, SamplerState, SamplingParams, sample_rows
+from policy_server.swap import ModelVersions
+
+log = logging.getLogger(__name__)
+
+_DONE = object()  # end-of-stream marker on a stream's queue
+
+
+# ---- a generation stream, as a transport sees it --------------------------------------------
+
+
+class GenerationStream:
+    """Async iterator of GenerateEvents for one request. `cancel()` frees the slot at the next
+    step boundary (the scheduler never waits for a slow reader: events queue up here)."""
+
+    def __init__(self, wake: Callable[[], None], loop: asyncio.AbstractEventLoop):
+        self._wake = wake
+        self.loop = loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+        self.done = False
+
+    def __aiter__(self) -> AsyncIterator[GenerateEvent]:
+        return self
+
+    async def __anext__(self) -> GenerateEvent:
+        if self.done:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if item is _DONE:
+            self.done = True
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            self.done = True
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        if not self.done and not self.cancelled:
+            self.cancelled = True
+            self._wake()
+
+
+def _deliver(items: list[tuple[GenerationStream, object]]) -> None:
+    """On the event loop: one call per step for all of its streams' events."""
+    for stream, item in items:
+        stream._queue.put_nowait(item)
+
+
+@dataclass
+class _Sequence:
+    """A running generation, owned by the scheduler thread."""
+
+    stream: GenerationStream
+    generation_id: str
+    prompt_ids: list[int]
+    sampler: SamplerState
+    decoder: IncrementalDecoder
+    version: int = 0
+    completion_ids: list[int] = field(default_factory=list)
+
+    @property
+    def params(self):
+        return self.sampler.params
+
+
+# ---- the scheduler ---------------------------------------------------------------------------
+
+
+class Scheduler:
+    def __init__(self, versions: ModelVersions, tokenizer, config: EngineConfig, eos_ids: Sequence[int],
+                 max_length: int, vocab_size: int):
+        self.versions = versions
+        self.model = versions.model
+        self.device = versions.device
+        self.tokenizer = tokenizer
+        self.config = config
+        self.eos_ids = eos_ids
+        self.max_length = max_length
+        self.vocab_size = vocab_size
+        self._cache_kwarg = cache_kwarg(self.model)
+        self._piece_texts: dict[int, str] = {}  # token id -> text decoded alone (alternatives)
+        # shared with the scheduler thread, under _cond:
+        self._cond = threading.Condition()
+        self._pending: deque[_Sequence] = deque()
+        self._jobs: deque[tuple[Callable[[], object], concurrent.futures.Future]] = deque()
+        self._closing = False
+        self._outbox: list[tuple[GenerationStream, object]] = []  # events of this step, scheduler thread only
+        # owned by the scheduler thread:
+        self._batches: dict[int, Batch] = {}  # model version -> its running sequences
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # decoding forwards run (for benchmarks and tests)
+
+    def warm_up(self) -> None:
+        """One prefill, one batched step and one removal: fails at load, not on the first request,
+        when the model's cache does not fit the batching scheme."""
+        with torch.inference_mode():
+            version = self.versions.version
+            batch = Batch(version, self.device)
+            for prompt in ([0, 1, 2], [3]):
+                ids = torch.tensor([prompt], device=self.device) % self.vocab_size  # (1, L)
+                out = self.forward(ids, torch.ones_like(ids), None, DynamicCache(config=self.model.config), version)
+                batch.add(object(), output_cache(out), len(prompt))
+            inputs = batch.step_inputs([4, 5])
+            out = self.forward(inputs.input_ids, inputs.attention_mask, inputs.position_ids, batch.cache, version)
+            batch.advance(inputs, output_cache(out))
+            batch.keep([1])
+
+    # ---- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="policy-scheduler", daemon=True)
+        self._thread.start()
+
+    async def close(self) -> None:
+        """Cancel whatever still runs and stop the scheduler thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def running(self) -> int:
+        return sum(len(b) for b in self._batches.values())
+
+    # ---- what the engine hands in ----------------------------------------------------------------
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> GenerationStream:
+        """Queue a checked request; must be called from the event loop that reads the stream."""
+        stream = GenerationStream(self.wake, asyncio.get_running_loop())
+        sequence = _Sequence(
+            stream=stream,
+            generation_id=str(uuid.uuid4()),
+            prompt_ids=prompt_ids,
+            sampler=SamplerState(params, self.device),
+            decoder=IncrementalDecoder(self.tokenizer, prompt_ids),
+        )
+        with self._cond:
+            if len(self._pending) >= self.config.max_queue:
+                raise ResourceExhausted(f"{len(self._pending)} requests are waiting for a decoding slot; retry later")
+            self._pending.append(sequence)
+            self._cond.notify_all()
+        return stream
+
+    async def run_job(self, fn: Callable[[], object]):
+        """Run `fn` on the scheduler thread at the next step boundary; its result or exception."""
+        if self._closing:
+            raise Unavailable("the server is shutting down")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            self._jobs.append((fn, future))
+            self._cond.notify_all()
+        return await asyncio.wrap_future(future)
+
+    def running_on(self, version: int) -> int:
+        """Streams decoding on `version` (scheduler thread: for a weight swap)."""
+        return len(self._batches.get(version, ()))
+
+    # ---- the thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        if self.config.threads:  # OpenMP thread counts are per calling thread: set it where the model runs
+            torch.set_num_threads(self.config.threads)
+        try:
+            with torch.inference_mode():
+                while self._step():
+                    self._flush()
+        except BaseException:  # noqa: BLE001 - logged; streams get the error instead of hanging
+            log.exception("scheduler thread died")
+            raise
+        finally:
+            self._fail_all(Unavailable("the server is shutting down"))
+            self._flush()
+
+    def _push(self, stream: GenerationStream, item) -> None:
+        """An event (or error, or _DONE) for `stream`, delivered at the step's end."""
+        self._outbox.append((stream, item))
+
+    def _flush(self) -> None:
+        """Hand this step's events to their event loops: one wake-up per loop, not per event."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for stream, item in self._outbox:
+            by_loop.setdefault(stream.loop, []).append((stream, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                for stream, _ in items:
+                    stream.cancelled = True
+
+    def _step(self) -> bool:
+        with self._cond:
+            while not (self._closing or self._pending or self._jobs or self.running):
+                self._cond.wait()
+            if self._closing:
+                return False
+            jobs = list(self._jobs)
+            self._jobs.clear()
+            free = self.config.max_batch - self.running
+            admitted = [self._pending.popleft() for _ in range(min(free, len(self._pending)))]
+        for fn, future in jobs:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 - goes back to the caller
+                    future.set_exception(exc)
+        self._drop_cancelled()
+        for sequence in admitted:
+            if sequence.stream.cancelled:
+                continue
+            try:
+                self._prefill(sequence)
+            except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                log.exception("prefill failed")
+                self._push(sequence.stream, exc)
+        self._flush()  # first tokens out before the batch's decoding step
+        for version, batch in list(self._batches.items()):
+            if len(batch):
+                try:
+                    self._decode(batch)
+                except Exception as exc:  # noqa: BLE001
+                    log.exception("decoding step failed")
+                    for sequence in batch.rows:
+                        self._push(sequence.stream, exc)
+                    batch.keep([])
+            if not len(batch) and version != self.versions.version:
+                del self._batches[version]
+        self.versions.release(self._batches)
+        return True
+
+    def _drop_cancelled(self) -> None:
+        for batch in self._batches.values():
+            keep = []
+            for i, sequence in enumerate(batch.rows):
+                if sequence.stream.cancelled:
+                    log.info("generation %s cancelled after %d tokens", sequence.generation_id,
+                             len(sequence.completion_ids))
+                else:
+                    keep.append(i)
+            batch.keep(keep)
+        with self._cond:
+            self._pending = deque(s for s in self._pending if not s.stream.cancelled)
+
+    def forward(self, input_ids, attention_mask, position_ids, cache, version: int, use_cache: bool = True):
+        """The model's forward at `version` (scheduler thread only)."""
+        kwargs = {"input_ids": input_ids, "use_cache": use_cache}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        if cache is not None:
+            kwargs[self._cache_kwarg] = cache
+        return self.versions.forward(version, **kwargs)
+
+    def _prefill(self, sequence: _Sequence) -> None:
+        version = self.versions.version
+        sequence.version = version
+        self._push(sequence.stream, GenerationStart(
+            sequence.generation_id, tuple(sequence.prompt_ids),
+            self.tokenizer.decode(sequence.prompt_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False),
+            version,
+        ))
+        ids = torch.tensor([sequence.prompt_ids], device=self.device)  # (1, P)
+        out = self.forward(ids, torch.ones_like(ids), None, DynamicCache(config=self.model.config), version)
+        [sample] = sample_rows(out.logits[:, -1, :], [sequence.sampler])  # logits (1, V)
+        if self._emit(sequence, sample):
+            return
+        batch = self._batches.setdefault(version, Batch(version, self.device))
+        batch.add(sequence, output_cache(out), len(sequence.prompt_ids))
+
+    def _decode(self, batch: Batch) -> None:
+        inputs = batch.step_inputs([s.completion_ids[-1] for s in batch.rows])
+        out = self.forward(inputs.input_ids, inputs.attention_mask, inputs.position_ids, batch.cache, batch.version)
+        batch.advance(inputs, output_cache(out))
+        self.steps += 1
+        samples = sample_rows(out.logits[:, -1, :], [s.sampler for s in batch.rows])  # logits (B, V)
+        keep = [i for i, (s, sample) in enumerate(zip(batch.rows, samples, strict=True)) if not self._emit(s, sample)]
+        batch.keep(keep)
+
+    def _emit(self, sequence: _Sequence, sample: Sample) -> bool:
+        """Stream one token (and the end when it is the last). Returns True when finished."""
+        sequence.completion_ids.append(sample.token_id)
+        params = sequence.params
+        count = len(sequence.completion_ids)
+        finish = None
+        if params.stop_on_eos and sample.token_id in self.eos_ids:
+            finish = FinishReason.EOS
+        elif count >= params.max_new_tokens or len(sequence.prompt_ids) + count >= self.max_length:
+            finish = FinishReason.LENGTH
+        before = len(sequence.decoder.text)
+        piece = sequence.decoder.push(sample.token_id, final=finish is not None)
+        stop = ""
+        if finish is None and params.stop and piece.text:
+            text = sequence.decoder.text
+            for s in params.stop:
+                if s in text[max(0, before - len(s) + 1) :]:
+                    finish, stop = FinishReason.STOP, s
+                    break
+        self._push(sequence.stream, TokenEvent(
+            position=count - 1, token_id=sample.token_id, text=piece.text, char_start=piece.char_start,
+            char_end=piece.char_end, logprob=sample.logprob, sampling_logprob=sample.sampling_logprob,
+            alternatives=self.alternatives(*zip(*sample.alternatives, strict=True)) if sample.alternatives else (),
+            rank=sample.rank, model_version=sequence.version,
+        ))
+        if finish is None:
+            return False
+        self._push(sequence.stream, GenerationEnd(
+            finish_reason=finish, stop_sequence=stop, prompt_tokens=len(sequence.prompt_ids),
+            completion_tokens=count, completion_text=sequence.decoder.text, model_version=sequence.version,
+        ))
+        self._push(sequence.stream, _DONE)
+        return True
+
+    def alternatives(self, ids: Sequence[int], logprobs: Sequence[float]) -> tuple[Alternative, ...]:
+        return tuple(Alternative(int(i), self._piece_text(int(i)), float(lp)) for i, lp in zip(ids, logprobs, strict=True))
+
+    def _piece_text(self, token_id: int) -> str:
+        text = self._piece_texts.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            self._piece_texts[token_id] = text
+        return text
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._cond:
+            pending, self._pending = list(self._pending), deque()
+            jobs, self._jobs = list(self._jobs), deque()
+        for batch in self._batches.values():
+            pending.extend(batch.rows)
+            batch.keep([])
+        for sequence in pending:
+            if not sequence.stream.done:
+                self._push(sequence.stream, error)
+        for _, future in jobs:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
