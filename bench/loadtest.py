@@ -252,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (1 <= args.clients <= 1024 and 0 < args.seconds <= 600 and 1 <= args.rounds <= 20):
         parser.error("--clients in 1..1024, --seconds in (0, 600], --rounds in 1..20: the run must stay bounded")
     sys.path.insert(0, str(ROOT))
-    from common.process import start_server
     from common.tls import channel_credentials
+    from tokenfeedback.launch import start_servers
 
     with tempfile.TemporaryDirectory(prefix="tokenfeedback-loadtest-") as tmp:
         folder = Path(tmp)
@@ -268,29 +268,23 @@ def main(argv: list[str] | None = None) -> int:
             certs = make_certs(folder / "certs")
             tls = ["--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key)]
             credentials = channel_credentials(certs.ca)
-        common = ["--port", "0", "--host", "127.0.0.1", *tls, *auth]
-        policy = start_server("policy_server", ["--model", args.model, *common, "--max-streams", str(args.clients)],
-                              name="policy", cwd=ROOT, timeout=300, credentials=credentials)
-        try:
-            trainer = start_server("trainer_server", ["--model", args.model, "--data", str(folder / "trainer"), *common,
-                                                      "--sync", "full"],
-                                   name="trainer", cwd=ROOT, timeout=300, credentials=credentials)
-            try:
-                print(f"load test: {args.clients} clients, {args.rounds} rounds of {args.seconds:g}s, "
-                      f"{args.new_tokens} tokens per generation, model {args.model}, TLS {'on' if args.tls else 'off'}, "
-                      f"auth on, {os.cpu_count()} cores", flush=True)
-                report = run_rounds(policy.address, trainer.address, {"policy": policy.proc.pid,
-                                                                      "trainer": trainer.proc.pid},
-                                    token=token, credentials=credentials, clients=args.clients, seconds=args.seconds,
-                                    rounds=args.rounds, new_tokens=args.new_tokens)
-                stored = trainer_total(trainer.address, token, credentials)
-                if stored != report["accepted"]:
-                    report["problems"].append(f"the trainer holds {stored} annotations, {report['accepted']} acknowledged")
-                    report["ok"] = False
-            finally:
-                trainer.stop()
-        finally:
-            policy.stop()
+        both = ["--host", "127.0.0.1", *tls, *auth]
+        # the load test never calls Train, so the trainer needs no policy server to publish to
+        with start_servers(args.model, folder / "trainer", args=both, policy_args=["--max-streams", str(args.clients)],
+                           trainer_args=["--sync", "full"], publish=False, cwd=ROOT, timeout=300,
+                           credentials=credentials) as servers:
+            policy, trainer = servers.processes
+            print(f"load test: {args.clients} clients, {args.rounds} rounds of {args.seconds:g}s, "
+                  f"{args.new_tokens} tokens per generation, model {args.model}, TLS {'on' if args.tls else 'off'}, "
+                  f"auth on, {os.cpu_count()} cores", flush=True)
+            report = run_rounds(policy.address, trainer.address, {"policy": policy.proc.pid,
+                                                                  "trainer": trainer.proc.pid},
+                                token=token, credentials=credentials, clients=args.clients, seconds=args.seconds,
+                                rounds=args.rounds, new_tokens=args.new_tokens)
+            stored = trainer_total(trainer.address, token, credentials)
+            if stored != report["accepted"]:
+                report["problems"].append(f"the trainer holds {stored} annotations, {report['accepted']} acknowledged")
+                report["ok"] = False
     report["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     report["cores"] = os.cpu_count()
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ import grpc
 
 from common.auth import AuthTokens, authorize, role_needed
 from common.errors import InvalidArgument, ResourceExhausted, ServiceError
+from common.metrics import PATH as METRICS_PATH
 from common.metrics import record_rpc
 from common.rpc import status_code
 
@@ -373,7 +374,7 @@ class HttpGuard:
                 log.warning("refused %s %s from %s: header %r is not UTF-8", scope["method"],
                             scope["path"][:100], client, shown)
                 return await _plain(send, 400, f"header {shown!r}: value is not valid UTF-8\n")
-        if self.metrics is not None and scope["path"] == "/metrics":
+        if self.metrics is not None and scope["path"] == METRICS_PATH:
             return await self.metrics(scope, receive, send)
         rpc = scope["method"] == "POST" and _RPC_PATH.fullmatch(scope["path"]) is not None
         if not rpc:

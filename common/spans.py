@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from common.errors import InvalidArgument
+from common.errors import InvalidArgument, quote
 
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder shows for an incomplete UTF-8 sequence
 CONTEXT_TOKENS = 5  # tokens of left context the decoder re-decodes (enough for SentencePiece's space rules)
@@ -168,7 +168,7 @@ def resolve_span(text: str, span: Span, field: str = "span") -> tuple[int, int]:
             f"{field}.{name}",
         )
     raise InvalidArgument(
-        f"the span's text {span.text!r} differs from the text at [{start}, {end}): {text[start:end]!r}",
+        f"the span's text {quote(span.text)} differs from the text at [{start}, {end}): {quote(text[start:end])}",
         f"{field}.text",
     )
 

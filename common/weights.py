@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.errors import InvalidArgument
+from common.errors import InvalidArgument, quote
 
 assert sys.byteorder == "little", "the wire format is little-endian; big-endian hosts would need a byte swap"
 
@@ -55,7 +55,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 def parse_dtype(name: str, field: str = "chunk.dtype") -> torch.dtype:
     """"bfloat16" -> torch.bfloat16; InvalidArgument naming `field` for an unknown name."""
     if name not in DTYPES:
-        raise InvalidArgument(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}", field)
+        raise InvalidArgument(f"unknown dtype {quote(name)}; expected one of {sorted(DTYPES)}", field)
     return DTYPES[name]
 
 
@@ -227,7 +227,7 @@ class WeightAccumulator:
         if self._committed:
             raise InvalidArgument("arrived after the commit", "chunk")
         if name not in self._reference:
-            raise InvalidArgument(f"unknown tensor {name!r} (not in the model's state dict)", "chunk.name")
+            raise InvalidArgument(f"unknown tensor {quote(name)} (not in the model's state dict)", "chunk.name")
         expected = self._reference[name]
         if parse_dtype(dtype, "chunk.dtype") != expected.dtype:
             raise InvalidArgument(
@@ -273,7 +273,9 @@ class WeightAccumulator:
         self._digest.update(data)
 
     def commit(self, sha256: str) -> dict[str, torch.Tensor]:
-        """Check the totals and the checksum; return {canonical name: new tensor}."""
+        """Check the totals, the checksum and that every floating-point value is finite; return
+        {canonical name: new tensor}. A NaN or inf would make every later forward produce NaN, so
+        such an update is refused whole (docs/design.md, "Weights wire format")."""
         if self._target_version is None:
             raise InvalidArgument("arrived before the header", "commit")
         if self._committed:
@@ -290,12 +292,19 @@ class WeightAccumulator:
             )
         actual = self._digest.hexdigest()
         if sha256.strip().lower() != actual:
-            raise InvalidArgument(f"checksum mismatch: got {sha256!r}, data hashes to {actual}", "commit.sha256")
-        self._committed = True
+            raise InvalidArgument(f"checksum mismatch: got {quote(sha256)}, data hashes to {actual}", "commit.sha256")
         tensors = {}
         for key, buffer in self._buffers.items():
             expected = self._reference[key]
-            tensors[key] = buffer.view(expected.dtype).reshape(expected.shape)  # (shape of the model's tensor)
+            tensor = buffer.view(expected.dtype).reshape(expected.shape)  # (shape of the model's tensor)
+            if tensor.is_floating_point():
+                finite = torch.isfinite(tensor)
+                if not bool(finite.all()):
+                    bad = tensor.numel() - int(finite.sum())
+                    raise InvalidArgument(f"tensor {key} holds {bad} values that are not finite (NaN or inf) "
+                                          f"of {tensor.numel()}; nothing was changed", "chunk.data")
+            tensors[key] = tensor
+        self._committed = True
         return tensors
 
     def _close_open(self) -> None:

@@ -12,6 +12,8 @@ docs/design.md, "Servers").
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
@@ -21,6 +23,8 @@ from common.hf import DTYPE_CHOICES
 from common.tls import TlsFiles, add_tls_arguments, tls_from_args
 
 MIN_MESSAGE_BYTES = 5 * 1024 * 1024  # a 4 MiB update chunk plus framing
+ENGINES = ("hf", "vllm")  # --engine
+VLLM_INSTALL = "install it with `make vllm` (a venv, .cache/vllm-venv) and run the server with its python"
 
 
 def _check(checks: list[tuple[bool, str]]) -> None:
@@ -34,6 +38,10 @@ class EngineConfig:
     """What the engine runs with (the limits: docs/design.md, "Errors and limits")."""
 
     model: str = flag("data/demo-model", "local model folder or Hugging Face hub id")
+    # hf: in-process Hugging Face (engine.py); vllm: vLLM's AsyncLLM (vllm_engine.py), from the
+    # venv `make vllm` builds; only --engine vllm imports anything of vLLM.
+    engine: str = flag("hf", "hf | vllm (install: make vllm; then run .cache/vllm-venv/bin/python -m policy_server)",
+                       choices=ENGINES)
     device: str = flag("auto", "auto | cpu | cuda | cuda:N")
     dtype: str = flag("auto", "parameter dtype: auto is float32 on CPU, bfloat16 on a GPU", choices=DTYPE_CHOICES)
     max_batch: int = flag(16, "streams decoded together in one forward")
@@ -48,6 +56,10 @@ class EngineConfig:
     max_text_chars: int = flag(65536, "longest text field in characters, checked before tokenizing")
     max_update_bytes: int = flag(0, "largest weight update in bytes (header.total_bytes); 0: the model's size "
                                     "bounds it (each tensor at most once, at its size)")
+    # ---- --engine vllm only ----
+    tensor_parallel_size: int = flag(1, "vllm: GPUs one model is sharded over")
+    gpu_memory_utilization: float = flag(0.9, "vllm: share of each GPU's memory for weights and KV cache")
+    max_model_len: int = flag(0, "vllm: longest prompt + completion in tokens, 0 = the model's own length")
 
     def __post_init__(self) -> None:
         _check([
@@ -59,6 +71,13 @@ class EngineConfig:
             (self.max_text_chars >= 1, f"--max-text-chars: must be >= 1, got {self.max_text_chars}"),
             (self.max_update_bytes >= 0, f"--max-update-bytes: must be >= 0, got {self.max_update_bytes}"),
             (self.dtype in DTYPE_CHOICES, f"--dtype: must be one of {DTYPE_CHOICES}, got {self.dtype!r}"),
+            (self.engine in ENGINES, f"--engine: must be one of {ENGINES}, got {self.engine!r}"),
+            (self.tensor_parallel_size >= 1, f"--tensor-parallel-size: must be >= 1, got {self.tensor_parallel_size}"),
+            (0 < self.gpu_memory_utilization <= 1,
+             f"--gpu-memory-utilization: must be in (0, 1], got {self.gpu_memory_utilization}"),
+            (self.max_model_len >= 0, f"--max-model-len: must be >= 0, got {self.max_model_len}"),
+            (self.engine != "vllm" or importlib.util.find_spec("vllm") is not None,
+             f"--engine vllm: vLLM is not installed in {sys.executable}; {VLLM_INSTALL}"),
         ])
 
 

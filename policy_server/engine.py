@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from common.errors import InvalidArgument, Unavailable
+from common.errors import InvalidArgument, Unavailable, quote
 from common.hf import LoadedModel, load_causal_lm
 from common.spans import Span, align_spans, pieces_from_ids, pieces_from_text
 from common.weights import WeightAccumulator, dtype_name
@@ -86,6 +86,10 @@ class Engine:
     @property
     def running(self) -> int:
         return self.scheduler.running
+
+    @property
+    def queued(self) -> int:
+        return self.scheduler.queued
 
     # ---- life cycle ---------------------------------------------------------------------------
 
@@ -238,7 +242,7 @@ class Engine:
             self._check_ids(token_ids, "token_ids")
             decoded, pieces = pieces_from_ids(self.tokenizer, [int(i) for i in token_ids])
             if text and text != decoded:
-                raise InvalidArgument(f"differs from the decoded token_ids ({decoded[:80]!r})", "text")
+                raise InvalidArgument(f"differs from the decoded token_ids ({quote(decoded)})", "text")
             text = decoded
         else:
             _, pieces = pieces_from_text(self.tokenizer, text)

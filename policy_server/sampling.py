@@ -15,9 +15,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.errors import InvalidArgument
+from common.errors import InvalidArgument, ServiceError, quote
 
 MAX_ALTERNATIVES = 20  # policy.proto: num_alternatives in 0..20
+# Temperature is 0 (greedy) or in [MIN_TEMPERATURE, MAX_TEMPERATURE] (policy.proto): logits / T is
+# computed in float32, and below the minimum it overflows to inf for ordinary logits (the
+# probabilities become NaN); above the maximum every distribution is uniform to float32 precision
+# anyway (docs/design.md, "Errors and limits").
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 100.0
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 256  # longest stop string, in code points
 
@@ -27,7 +33,7 @@ class SamplingParams:
     """Engine-side SamplingParams (policy.proto), with the defaults resolved."""
 
     max_new_tokens: int = 32  # tokens to sample, 1..the server's limit
-    temperature: float = 1.0  # >= 0; 0 is greedy
+    temperature: float = 1.0  # 0 is greedy, else in [MIN_TEMPERATURE, MAX_TEMPERATURE]
     top_k: int = 0  # 0 keeps all tokens
     top_p: float = 1.0  # in (0, 1]; 1 keeps all tokens
     seed: int | None = None  # None draws a fresh seed
@@ -44,12 +50,13 @@ class SamplingParams:
         if not 1 <= self.max_new_tokens <= max_new_tokens_limit:
             raise InvalidArgument(f"must be in [1, {max_new_tokens_limit}], got {self.max_new_tokens}",
                                   f"{field}.max_new_tokens")
-        if not self.temperature >= 0 or self.temperature == float("inf"):  # also rejects NaN
-            raise InvalidArgument(f"must be a finite number >= 0, got {self.temperature}", f"{field}.temperature")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):  # also NaN
+            raise InvalidArgument(f"must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
+                                  f"got {self.temperature:g}", f"{field}.temperature")
         if self.top_k < 0:
             raise InvalidArgument(f"must be >= 0, got {self.top_k}", f"{field}.top_k")
         if not 0.0 < self.top_p <= 1.0:  # also rejects NaN
-            raise InvalidArgument(f"must be in (0, 1], got {self.top_p}", f"{field}.top_p")
+            raise InvalidArgument(f"must be in (0, 1], got {self.top_p:g}", f"{field}.top_p")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise InvalidArgument(f"must be in [0, 2^64), got {self.seed}", f"{field}.seed")
         if len(self.stop) > MAX_STOP_STRINGS:
@@ -112,32 +119,58 @@ def sampling_logprobs(logits: torch.Tensor, logprobs: torch.Tensor, params: Samp
     return torch.log_softmax(z, dim=-1)
 
 
-def sample_rows(logits: torch.Tensor, states: list[SamplerState]) -> list[Sample]:
-    """Sample one token per row. logits: (B, V) in any float dtype."""
+def _sample_one(logits: torch.Tensor, logprobs: torch.Tensor, state: SamplerState) -> tuple[int, float]:
+    """(token, sampling logprob) for one row. logits, logprobs: (V,) float32, finite."""
+    params = state.params
+    if params.temperature == 0.0:
+        return int(torch.argmax(logits)), 0.0
+    slp = sampling_logprobs(logits, logprobs, params)  # (V,)
+    probs = slp.exp()  # (V,)
+    if bool(torch.isnan(probs).any()) or not bool(probs.sum() > 0):
+        raise ServiceError(f"the sampling distribution is not finite at temperature {params.temperature:g}, "
+                           f"top_k {params.top_k}, top_p {params.top_p:g}")
+    token = int(torch.multinomial(probs, 1, generator=state.generator))
+    return token, float(slp[token])
+
+
+def sample_rows(logits: torch.Tensor, states: list[SamplerState]) -> list[Sample | ServiceError]:
+    """Sample one token per row. logits: (B, V) in any float dtype.
+
+    Rows fail alone: a row whose logits are not finite (NaN, +inf, or nothing but -inf), or whose
+    own sampling fails, gets a ServiceError (INTERNAL, saying what went wrong) in its place, and
+    the other rows are sampled as if it were not there (docs/design.md, "Errors and limits")."""
     logits = logits.float()  # (B, V)
     logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
+    broken = torch.isnan(logprobs).any(dim=-1).tolist()  # (B,) NaN, +inf or all -inf logits
     want = max((s.params.num_alternatives for s in states), default=0)
     top = torch.topk(logprobs, want, dim=-1) if want else None  # (B, want), sorted descending
     chosen: list[int] = []
     behavior: list[float] = []
+    failed: dict[int, ServiceError] = {}
     for row, state in enumerate(states):
-        params = state.params
-        if params.temperature == 0.0:
-            token = int(torch.argmax(logits[row]))
-            behavior.append(0.0)
+        token, slp = 0, 0.0  # a placeholder where the row fails
+        if broken[row]:
+            failed[row] = ServiceError("the model's next-token logits are not finite (NaN or inf)")
         else:
-            slp = sampling_logprobs(logits[row], logprobs[row], params)  # (V,)
-            token = int(torch.multinomial(slp.exp(), 1, generator=state.generator))
-            behavior.append(float(slp[token]))
+            try:
+                token, slp = _sample_one(logits[row], logprobs[row], state)
+            except ServiceError as exc:
+                failed[row] = exc
+            except Exception as exc:  # noqa: BLE001 - this row fails, the others go on
+                failed[row] = ServiceError(f"sampling failed: {type(exc).__name__}: {quote(str(exc), 200)}")
         chosen.append(token)
+        behavior.append(slp)
     index = torch.tensor(chosen, device=logits.device)  # (B,)
     token_logprobs = logprobs.gather(1, index[:, None])  # (B, 1)
     ranks = (logprobs > token_logprobs).sum(dim=-1) + 1  # (B,)
     token_logprobs, ranks = token_logprobs[:, 0].tolist(), ranks.tolist()
     top_ids = top.indices.tolist() if top is not None else None
     top_lps = top.values.tolist() if top is not None else None
-    out = []
+    out: list[Sample | ServiceError] = []
     for row, state in enumerate(states):
+        if row in failed:
+            out.append(failed[row])
+            continue
         n = state.params.num_alternatives
         alternatives = tuple(zip(top_ids[row][:n], top_lps[row][:n], strict=True)) if n else ()
         out.append(Sample(chosen[row], token_logprobs[row], behavior[row], int(ranks[row]), alternatives))

@@ -5,6 +5,11 @@ requests one by one (each samples its first token), then one forward for all run
 a model version (batch.py) and one sampled token per sequence. So concurrent streams share one
 forward per decoding step (docs/design.md, "Servers"). Events produced during a step are handed to
 their event loops at its end, one wake-up per loop.
+
+Rows fail alone: a sequence whose row cannot be sampled (non-finite logits or probabilities) or
+whose token cannot be emitted ends with its own error status, and the step goes on for the others
+(docs/design.md, "Errors and limits"). Only an error of the shared forward itself ends every
+sequence of that batch.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -21,7 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from common.errors import ResourceExhausted, Unavailable
+from common.errors import ResourceExhausted, ServiceError, Unavailable, quote
+from common.metrics import policy_meter
 from common.spans import IncrementalDecoder
 from policy_server.api import (
     Alternative,
@@ -93,6 +100,7 @@ class _Sequence:
     decoder: IncrementalDecoder
     version: int = 0
     completion_ids: list[int] = field(default_factory=list)
+    queued_at: float = field(default_factory=time.monotonic)  # for the time to first token
 
     @property
     def params(self):
@@ -125,6 +133,7 @@ class Scheduler:
         self._batches: dict[int, Batch] = {}  # model version -> its running sequences
         self._thread: threading.Thread | None = None
         self.steps = 0  # decoding forwards run (for benchmarks and tests)
+        self.meter = policy_meter()  # tokens and first tokens (common/metrics.py)
 
     def warm_up(self) -> None:
         """One prefill, one batched step and one removal: fails at load, not on the first request,
@@ -162,6 +171,11 @@ class Scheduler:
     @property
     def running(self) -> int:
         return sum(len(b) for b in self._batches.values())
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a decoding slot."""
+        return len(self._pending)
 
     # ---- what the engine hands in ----------------------------------------------------------------
 
@@ -306,7 +320,7 @@ class Scheduler:
         ids = torch.tensor([sequence.prompt_ids], device=self.device)  # (1, P)
         out = self.forward(ids, torch.ones_like(ids), None, DynamicCache(config=self.model.config), version)
         [sample] = sample_rows(out.logits[:, -1, :], [sequence.sampler])  # logits (1, V)
-        if self._emit(sequence, sample):
+        if self._take(sequence, sample):
             return
         batch = self._batches.setdefault(version, Batch(version, self.device))
         batch.add(sequence, output_cache(out), len(sequence.prompt_ids))
@@ -317,14 +331,32 @@ class Scheduler:
         batch.advance(inputs, output_cache(out))
         self.steps += 1
         samples = sample_rows(out.logits[:, -1, :], [s.sampler for s in batch.rows])  # logits (B, V)
-        keep = [i for i, (s, sample) in enumerate(zip(batch.rows, samples, strict=True)) if not self._emit(s, sample)]
+        keep = [i for i, (s, sample) in enumerate(zip(batch.rows, samples, strict=True)) if not self._take(s, sample)]
         batch.keep(keep)
+
+    def _take(self, sequence: _Sequence, sample: Sample | ServiceError) -> bool:
+        """Emit a row's sampled token; True when its sequence is done: finished, or failed alone
+        (its stream gets the error, the other rows are not affected)."""
+        try:
+            if isinstance(sample, ServiceError):
+                raise sample
+            return self._emit(sequence, sample)
+        except Exception as exc:  # noqa: BLE001 - this sequence ends, the others go on
+            error = exc if isinstance(exc, ServiceError) else ServiceError(
+                f"internal error in this stream: {type(exc).__name__}: {quote(str(exc), 200)}")
+            log.warning("generation %s failed after %d tokens: %s", sequence.generation_id,
+                        len(sequence.completion_ids), error)
+            self._push(sequence.stream, error)
+            return True
 
     def _emit(self, sequence: _Sequence, sample: Sample) -> bool:
         """Stream one token (and the end when it is the last). Returns True when finished."""
         sequence.completion_ids.append(sample.token_id)
         params = sequence.params
         count = len(sequence.completion_ids)
+        self.meter.tokens.inc()
+        if count == 1:
+            self.meter.first_token.observe(time.monotonic() - sequence.queued_at)
         finish = None
         if params.stop_on_eos and sample.token_id in self.eos_ids:
             finish = FinishReason.EOS

@@ -21,6 +21,7 @@ import sys
 from common.auth import log_auth_summary
 from common.connect import HttpServer
 from common.guard import ConnectGuard, GrpcGuard, StreamSlots
+from common.metrics import watch_policy
 from common.process import announce
 from common.rpc import ServerOptions, create_grpc_server, install_signal_handlers, set_serving
 from common.tls import server_credentials
@@ -69,9 +70,13 @@ class PolicyServer:
 
     async def load(self) -> Engine:
         """Load the model (off the event loop), start the scheduler, report SERVING."""
-        engine = await asyncio.to_thread(Engine.load, self.config.engine_config())
+        engine_class = Engine
+        if self.config.engine == "vllm":  # imported only here: the default path needs nothing of vLLM
+            from policy_server.vllm_engine import VllmEngine as engine_class
+        engine = await asyncio.to_thread(engine_class.load, self.config.engine_config())
         engine.start()
         self.engine = self.handler.engine = engine
+        watch_policy(engine)  # its state at every /metrics scrape (common/metrics.py)
         await set_serving(self.health, [SERVICE_NAME], True)
         info = engine.model_info()
         log.info("serving %s: vocab %d, max length %d, %s on %s, %d tensors (%.1f MB)", info.model_name,

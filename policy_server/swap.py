@@ -12,12 +12,14 @@ changed tensors while old streams run (docs/design.md, "Versions and staleness")
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Collection
 
 import torch
 from torch.func import functional_call
 
 from common.errors import Aborted
+from common.metrics import policy_meter
 from common.weights import WeightAccumulator, aliases, tensor_nbytes
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class ModelVersions:
     def swap(self, target: int, tensors: dict[str, torch.Tensor], running: int) -> int:
         """Make `tensors` the model's, as version `target`. `running`: streams on the current
         version, which keep its tensors (retired) until they end. Between steps only."""
+        started = time.perf_counter()
         if target <= self.version:
             raise Aborted(f"the server moved to version {self.version} meanwhile; target {target} is stale",
                           "header.target_version")
@@ -71,6 +74,7 @@ class ModelVersions:
         log.info("weights: version %d -> %d (%d tensors, %d bytes); %d running stream(s) keep version %d",
                  self.version, target, len(new), sum(tensor_nbytes(t) for t in new.values()), running, self.version)
         self.version = target
+        policy_meter().update.observe(time.perf_counter() - started)
         return target
 
     def release(self, in_use: Collection[int]) -> None:

@@ -39,8 +39,9 @@ TINY_CORPUS = [
 ]
 
 
-def build_tiny_model(folder: Path, seed: int = 0) -> Path:
-    """A 2-layer GPT-2 (random weights, fixed seed) and a ~400-token byte-level BPE tokenizer."""
+def build_tiny_model(folder: Path, seed: int = 0, n_head: int = 4) -> Path:
+    """A 2-layer GPT-2 (random weights, fixed seed) and a ~400-token byte-level BPE tokenizer.
+    n_head=2 gives heads of 32 dimensions, the smallest vLLM's CPU attention takes (4 gives 16)."""
     import torch
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -55,7 +56,7 @@ def build_tiny_model(folder: Path, seed: int = 0) -> Path:
     tokenizer.save_pretrained(folder)
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=1024, n_embd=64, n_layer=2, n_head=4,
+        vocab_size=len(tokenizer), n_positions=1024, n_embd=64, n_layer=2, n_head=n_head,
         bos_token_id=eos, eos_token_id=eos,
     )
     torch.manual_seed(seed)
@@ -71,17 +72,38 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
+VLLM_START_S = 900.0  # vLLM's engine core and worker start in ~1-4 min on a loaded 2-core machine
+
+
+def vllm_python() -> Path:
+    """The vLLM venv's python, built first when missing (common/process.py)."""
+    from common.process import vllm_python as built
+
+    return built(ROOT)
+
+
+@pytest.fixture(scope="session")
+def tiny_vllm_model_dir(tmp_path_factory) -> Path:
+    """The tiny model with 2 heads of 32 dimensions (the same tensors' shapes): what vLLM loads."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model-vllm"), n_head=2)
+
+
 @pytest.fixture(scope="session")
 def start_policy_server():
-    """Factory: start_policy_server(model_dir, *args) -> ServerProcess (stopped at session end)."""
+    """Factory: start_policy_server(model_dir, *args, engine="hf") -> ServerProcess (stopped at
+    session end). engine="vllm" runs `--engine vllm` from the vLLM venv's python."""
     from common.process import start_server
 
     started = []
 
-    def start(model_dir: Path, *args: str):
+    def start(model_dir: Path, *args: str, engine: str = "hf"):
+        extra = {}
+        if engine != "hf":
+            args = ("--engine", engine, *args)
+            extra = dict(python=vllm_python(), timeout=VLLM_START_S)
         server = start_server(
             "policy_server", ["--model", str(model_dir), "--port", "0", "--host", "127.0.0.1", *args],
-            name="policy", cwd=ROOT,
+            name="policy", cwd=ROOT, **extra,
         )
         started.append(server)
         return server

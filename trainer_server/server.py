@@ -15,11 +15,14 @@ here and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
@@ -40,6 +43,33 @@ from trainer_server.publish import Publisher
 from trainer_server.service import register
 
 log = logging.getLogger("trainer_server")
+
+WORKER_THREADS = 64  # engine calls running at once (most of them waiting for a commit)
+LOCK_FILE = "trainer.lock"  # in the data folder: held by the trainer using it, holds its pid
+
+
+class DataFolderBusy(RuntimeError):
+    pass
+
+
+def hold_data_folder(folder: Path) -> int:
+    """Hold `folder` for this process's life: an exclusive flock on folder/trainer.lock, which the
+    kernel releases when the process ends however it ends (SIGKILL too, so it never stays stuck).
+    A second trainer on the same folder is refused instead of training and checkpointing beside
+    the first (docs/design.md, "State"). Returns the lock's descriptor, to be kept open; raises
+    DataFolderBusy naming the folder and the holder's pid."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise DataFolderBusy(f"data folder {folder.resolve()} is in use by another trainer (pid {holder}); "
+                             f"stop that one, or give this one another --data") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def make_publisher(config: TrainerConfig) -> Publisher:
@@ -172,6 +202,10 @@ async def create_server(config: TrainerConfig, collective: distributed.Collectiv
 async def serve(config: TrainerConfig, collective: distributed.Collective) -> None:
     stop = asyncio.Event()
     install_signal_handlers(stop)
+    # Worker threads for the engine's blocking calls: enough that concurrent SubmitAnnotations can
+    # wait for the same group commit (store.py); asyncio's default (cores + 4) would cap a group
+    # at 6 on a 2-core machine.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(WORKER_THREADS, "trainer-worker"))
     app, _ = await create_server(config, collective)
     http = None
     try:
@@ -201,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     log.info("config %s", json.dumps(config.to_log(), sort_keys=True))
     if config.threads > 0:
         torch.set_num_threads(config.threads)
+    if rank == 0:
+        try:
+            held = hold_data_folder(config.data)  # noqa: F841 - open for the process's life
+        except DataFolderBusy as exc:
+            log.error("%s", exc)
+            return 1
     collective = distributed.init(rank, world_size, resolve_device(config.device))
     try:
         if collective.leader:

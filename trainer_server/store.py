@@ -1,8 +1,13 @@
 """The annotation store: SQLite in WAL mode under --data, one row per annotated sequence.
 
-Durability is the contract: `insert` returns only after the transaction is committed, and with
-synchronous=FULL (the default) a commit is on disk when it returns, so an ACCEPTED annotation
-survives a crash or SIGKILL the next instant. An annotation_id is the idempotency key: inserting
+Durability is the contract: `insert` returns only after the transaction holding its annotations
+is committed, and with synchronous=FULL (the default) a commit is on disk when it returns, so an
+ACCEPTED annotation survives a crash or SIGKILL the next instant. Concurrent inserts share that
+transaction (group commit, as databases do): while one commit is being written and fsync'd, the
+inserts that arrive queue up, and the next of them to get the connection commits all queued ones
+in one transaction and one fsync; each call still returns only after the commit that holds it.
+Reads that must not wait behind a commit (`existing`, `get`, `counts`) use a second connection,
+which in WAL mode sees every committed transaction. An annotation_id is the idempotency key: inserting
 it again changes nothing and reports it as a duplicate.
 
 States: pending (stored, never trained on) -> consumed (trained on at least once) -> withdrawn
@@ -12,7 +17,7 @@ its reason, never trained on, training goes on with the rest (docs/design.md, "E
 that first trained on an annotation, so that resuming from a checkpoint taken at step S can put
 back to pending everything first consumed after S: the weights on disk never saw those.
 
-All access goes through one connection guarded by a lock; the engine calls it from worker
+Writes go through one connection guarded by a lock; the engine calls the store from worker
 threads (never from the event loop).
 """
 
@@ -53,6 +58,42 @@ CREATE INDEX IF NOT EXISTS annotations_state ON annotations(state, seq);
 """
 
 
+def insert_sql() -> str:
+    """The statement that stores one annotation (row_values gives its parameters)."""
+    return ("INSERT OR IGNORE INTO annotations (annotation_id, state, model_version, prompt_ids, completion_ids, "
+            "behavior_logprobs, rows, n_rows, sequence_reward, annotator_id, metadata, stored_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def row_values(a: Annotation, now: float) -> tuple:
+    """One annotation as insert_sql's parameters: ids as int32 and logprobs as float32 blobs, rows
+    and metadata as JSON."""
+    return (
+        a.annotation_id,
+        PENDING,
+        a.model_version,
+        array("i", a.prompt_ids).tobytes(),
+        array("i", a.completion_ids).tobytes(),
+        None if a.behavior_logprobs is None else array("f", a.behavior_logprobs).tobytes(),
+        json.dumps([[r.position, r.token_id, r.weight, r.replacement] for r in a.rows]),
+        len(a.rows),
+        a.sequence_reward,
+        a.annotator_id,
+        json.dumps(a.metadata, sort_keys=True),
+        now,
+    )
+
+
+@dataclass
+class _Write:
+    """One insert() call waiting for the transaction that commits it."""
+
+    annotations: list[Annotation]
+    stored: list[bool] | None = None
+    error: BaseException | None = None
+    done: bool = False  # set by the committer once its transaction is over
+
+
 @dataclass(frozen=True)
 class StoredAnnotation:
     seq: int
@@ -78,14 +119,16 @@ def _floats(blob: bytes | None) -> tuple[float, ...] | None:
 
 
 class AnnotationStore:
-    """SQLite-backed store of annotations; thread-safe, one connection."""
+    """SQLite-backed store of annotations; thread-safe: a writing connection and a reading one."""
 
     def __init__(self, path: Path, sync: str = "full"):
         assert sync in ("full", "normal"), f"sync must be full or normal, got {sync!r}"
         assert array("i").itemsize == 4 and array("f").itemsize == 4, "int32/float32 arrays expected"
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the writing connection, and one transaction at a time
+        self._queue_lock = threading.Lock()
+        self._queue: list[_Write] = []  # inserts waiting for the next group commit
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={sync.upper()}")
@@ -94,47 +137,64 @@ class AnnotationStore:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(annotations)")}
         if "quarantine_reason" not in columns:  # a store written before quarantine existed
             self._db.execute("ALTER TABLE annotations ADD COLUMN quarantine_reason TEXT")
+        self._read_lock = threading.Lock()
+        self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._reader.execute("PRAGMA busy_timeout=10000")
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
             self._db.close()
+            self._reader.close()
 
     # ---- writes ----
 
     def insert(self, annotations: list[Annotation]) -> list[bool]:
-        """Store the annotations in one transaction; per annotation True when stored, False when
-        its id was stored before (or earlier in the same list). Returns after the commit."""
+        """Store the annotations; per annotation True when stored, False when its id was stored
+        before (or earlier in the same list, or by a concurrent call committed first). Returns
+        only after the transaction that holds them is committed (group commit, module docstring);
+        an error in these annotations leaves the others of the group committed."""
+        write = _Write(annotations)
+        with self._queue_lock:
+            self._queue.append(write)
+        with self._lock:  # one transaction at a time; whoever gets here first commits everyone queued
+            if not write.done:
+                with self._queue_lock:
+                    group, self._queue = self._queue, []
+                self._commit(group)
+        if write.error is not None:
+            raise write.error
+        return write.stored
+
+    def _commit(self, group: list[_Write]) -> None:
+        """One transaction (one fsync with synchronous=FULL) for every queued write, each inside
+        its own savepoint so that one write's failure rolls back only that write."""
         now = time.time()
-        stored: list[bool] = []
-        with self._lock:
+        sql = insert_sql()
+        try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for a in annotations:
-                    cursor = self._db.execute(
-                        "INSERT OR IGNORE INTO annotations (annotation_id, state, model_version, prompt_ids, "
-                        "completion_ids, behavior_logprobs, rows, n_rows, sequence_reward, annotator_id, "
-                        "metadata, stored_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            a.annotation_id,
-                            PENDING,
-                            a.model_version,
-                            array("i", a.prompt_ids).tobytes(),
-                            array("i", a.completion_ids).tobytes(),
-                            None if a.behavior_logprobs is None else array("f", a.behavior_logprobs).tobytes(),
-                            json.dumps([[r.position, r.token_id, r.weight, r.replacement] for r in a.rows]),
-                            len(a.rows),
-                            a.sequence_reward,
-                            a.annotator_id,
-                            json.dumps(a.metadata, sort_keys=True),
-                            now,
-                        ),
-                    )
-                    stored.append(cursor.rowcount == 1)
+                for i, write in enumerate(group):
+                    self._db.execute(f"SAVEPOINT w{i}")
+                    try:
+                        write.stored = [self._db.execute(sql, row_values(a, now)).rowcount == 1
+                                        for a in write.annotations]
+                    except Exception as exc:  # noqa: BLE001 - this write fails, the group goes on
+                        self._db.execute(f"ROLLBACK TO w{i}")
+                        write.error, write.stored = exc, None
+                    self._db.execute(f"RELEASE w{i}")
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-        return stored
+        except BaseException as exc:  # nothing of the group is stored: every write fails with it
+            for write in group:
+                write.error, write.stored = write.error or exc, None
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            for write in group:
+                write.done = True
 
     def withdraw(self, annotation_ids: list[str]) -> tuple[int, list[str]]:
         """Mark annotations withdrawn. Returns (newly withdrawn, ids never stored)."""
@@ -204,19 +264,19 @@ class AnnotationStore:
     # ---- reads ----
 
     def get(self, annotation_id: str) -> StoredAnnotation | None:
-        with self._lock:
-            row = self._db.execute(f"SELECT {_COLUMNS} FROM annotations WHERE annotation_id = ?",
+        with self._read_lock:
+            row = self._reader.execute(f"SELECT {_COLUMNS} FROM annotations WHERE annotation_id = ?",
                                    (annotation_id,)).fetchone()
         return None if row is None else _decode(row)
 
     def existing(self, annotation_ids: list[str]) -> set[str]:
         """Which of these ids are stored already."""
         found: set[str] = set()
-        with self._lock:
+        with self._read_lock:
             for start in range(0, len(annotation_ids), 500):
                 part = annotation_ids[start : start + 500]
                 marks = ",".join("?" * len(part))
-                found.update(r[0] for r in self._db.execute(
+                found.update(r[0] for r in self._reader.execute(
                     f"SELECT annotation_id FROM annotations WHERE annotation_id IN ({marks})", part))
         return found
 

@@ -88,11 +88,15 @@ class Validator:
                     "behavior_logprobs",
                     f"must have one value per completion token ({len(completion)}), got {len(seq.behavior_logprobs)}",
                 )
-            for i, value in enumerate(seq.behavior_logprobs):
-                if not (math.isfinite(value) and MIN_BEHAVIOR_LOGPROB <= value <= 0):
-                    raise fail(f"behavior_logprobs[{i}]",
-                               f"must be a log-probability in [{MIN_BEHAVIOR_LOGPROB:g}, 0], got {quote(value)}")
-            behavior = tuple(float(v) for v in seq.behavior_logprobs)
+            values = seq.behavior_logprobs
+            # fast path: a finite sum (no NaN or inf anywhere) and both ends within the bound
+            if not (values and math.isfinite(sum(values)) and min(values) >= MIN_BEHAVIOR_LOGPROB
+                    and max(values) <= 0):
+                for i, value in enumerate(values):
+                    if not (math.isfinite(value) and MIN_BEHAVIOR_LOGPROB <= value <= 0):
+                        raise fail(f"behavior_logprobs[{i}]",
+                                   f"must be a log-probability in [{MIN_BEHAVIOR_LOGPROB:g}, 0], got {quote(value)}")
+            behavior = tuple(map(float, values))
 
         if seq.sequence_reward is not None and (problem := weight_problem(seq.sequence_reward)):
             raise fail("sequence_reward", problem)
@@ -182,10 +186,12 @@ class Validator:
                 raise fail(name, f"{size} long; at most {limit} (the trainer's --max-seq-len {self.max_seq_len})")
 
     def _check_ids(self, ids: Sequence[int], name: str, fail) -> list[int]:
-        for i, token in enumerate(ids):
-            if not 0 <= token < self.vocab_size:
-                raise fail(f"{name}[{i}]", f"token id must be in [0, {self.vocab_size}), got {token}")
-        return [int(t) for t in ids]
+        ids = list(ids)
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):  # then find the first one outside
+            for i, token in enumerate(ids):
+                if not 0 <= token < self.vocab_size:
+                    raise fail(f"{name}[{i}]", f"token id must be in [0, {self.vocab_size}), got {token}")
+        return ids
 
     def _prompt_ids(self, seq: SequenceInput, fail) -> list[int]:
         """Prompt ids win when given (the policy server streamed them); else the text is tokenized."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from common.process import ServerProcess, start_server
+from tokenfeedback import PolicyClient, TrainerClient, launch
 
 ROOT = Path(__file__).resolve().parents[2]
 TS = ROOT / "clients" / "typescript"
@@ -30,14 +30,16 @@ GO = ROOT / "clients" / "go"
 DEMO_MODEL = ROOT / "data" / "demo-model"
 VECTORS = ROOT / "tests" / "vectors" / "annotations.json"
 GO_PACKAGE = "tokenfeedback.dev/clients/go"
+# What the example programs correct: a given completion known to be wrong, and the right one.
+EXAMPLE_PROMPT = "Paris is the capital of"
+EXAMPLE_COMPLETIONS = (" Canada.", " France.")
 
 pytestmark = pytest.mark.slow
 
 
 @dataclass
-class Servers:
-    policy: ServerProcess
-    trainer: ServerProcess
+class Servers(launch.Servers):
+    """The launcher's pair, with the environment and logs a client suite needs."""
 
     def env(self, **extra: str) -> dict[str, str]:
         """The environment a client suite runs in: the servers' addresses, and nothing stale."""
@@ -50,24 +52,9 @@ class Servers:
         return (f"--- policy server log (tail) ---\n{self.policy.log_tail(40)}\n"
                 f"--- trainer log (tail) ---\n{self.trainer.log_tail(40)}")
 
-    def stop(self) -> None:
-        self.trainer.stop()
-        self.policy.stop()
-
 
 def start_servers(model: Path, data: Path) -> Servers:
-    policy = start_server("policy_server", ["--model", str(model), "--port", "0", "--host", "127.0.0.1"],
-                          name="policy", cwd=ROOT)
-    try:
-        trainer = start_server(
-            "trainer_server",
-            ["--model", str(model), "--data", str(data), "--port", "0", "--host", "127.0.0.1", "--policy", policy.address],
-            name="trainer", cwd=ROOT,
-        )
-    except Exception:
-        policy.stop()
-        raise
-    return Servers(policy, trainer)
+    return Servers(*launch.start_servers(model, data, args=["--host", "127.0.0.1"], cwd=ROOT).processes)
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str], servers: Servers | None, timeout: float = 600) -> str:
@@ -137,10 +124,31 @@ def test_typescript_client(servers):
     ], output[-4000:]
 
 
+def check_example_annotation(output: str, servers: Servers, language: str, credentials=None, token=None) -> None:
+    """The example submitted exactly the intended correction: the given wrong completion, its
+    first token that differs from the right one marked bad (-1), the right one's token there as
+    the replacement. Never a judgement of the model's own output."""
+    match = re.search(rf"^submitted (example-{language}-\S+): status 1 rows 2$", output, re.M)
+    assert match, output
+    options = dict(root_certificates=credentials, tls=True if credentials else None, token=token)
+    with PolicyClient(servers.policy.address, **options) as policy, \
+            TrainerClient(servers.trainer.address, **options) as trainer:
+        wrong, right = (policy.score(EXAMPLE_PROMPT, text) for text in EXAMPLE_COMPLETIONS)
+        stored = trainer.get_annotation(match.group(1))
+    wrong_ids, right_ids = [t.token_id for t in wrong.tokens], [t.token_id for t in right.tokens]
+    at = next(i for i, (a, b) in enumerate(zip(wrong_ids, right_ids, strict=False)) if a != b)
+    assert list(stored.prompt_token_ids) == list(wrong.prompt_token_ids)
+    assert list(stored.completion_token_ids) == wrong_ids
+    rows = [(r.position, r.token_id, r.weight, r.replacement) for r in stored.rows]
+    assert rows == [(at, wrong_ids[at], -1.0, False), (at, right_ids[at], 1.0, True)], (rows, output)
+    assert re.search(rf'^bad token:  #{at} ".*" id {wrong_ids[at]} .*; replacement ".*" id {right_ids[at]} ', output, re.M), output
+
+
 def test_typescript_example(servers):
     output = run(["node", "dist/examples/feedback.js"], TS, servers.env(), servers)
-    assert re.search(r"^submitted example-ts-\S+: status 1 rows [12]$", output, re.M), output
+    check_example_annotation(output, servers, "ts")
     assert re.search(r"^step 1/1: loss \S+", output, re.M) and re.search(r"^done: model version \d+", output, re.M), output
+    assert re.search(r'^logprob of ".*" \S+ -> \S+, of ".*" \S+ -> \S+$', output, re.M), output
 
 
 def test_typescript_vectors(demo_servers):
@@ -170,8 +178,9 @@ def test_go_client(servers):
 
 def test_go_example(servers):
     output = run(["gopath/bin/example"], GO, servers.env(), servers)
-    assert re.search(r"^submitted example-go-\S+: status 1 rows [12]$", output, re.M), output
+    check_example_annotation(output, servers, "go")
     assert re.search(r"^step 1/1: loss \S+", output, re.M) and re.search(r"^done: model version \d+", output, re.M), output
+    assert re.search(r'^logprob of ".*" \S+ -> \S+, of ".*" \S+ -> \S+$', output, re.M), output
 
 
 def test_go_vectors(demo_servers):
@@ -208,22 +217,12 @@ def secure_servers(built, tiny_model_dir, tmp_path_factory):
     for name, token in (("annotator", ANNOTATOR_TOKEN), ("admin", ADMIN_TOKEN)):
         (folder / name).write_text(token + "\n")
         (folder / name).chmod(0o600)
-    secure = ["--port", "0", "--host", "127.0.0.1", "--tls-cert", str(certs.server_cert), "--tls-key",
-              str(certs.server_key), "--annotator-token-file", str(folder / "annotator"), "--admin-token-file",
-              str(folder / "admin")]
-    credentials = channel_credentials(certs.ca)
-    policy = start_server("policy_server", ["--model", str(tiny_model_dir), *secure], name="policy", cwd=ROOT,
-                          credentials=credentials)
-    try:
-        trainer = start_server(
-            "trainer_server", ["--model", str(tiny_model_dir), "--data", str(folder / "data"), *secure, "--policy",
-                               policy.address, "--policy-tls-ca", str(certs.ca), "--policy-token-file",
-                               str(folder / "admin")],
-            name="trainer", cwd=ROOT, credentials=credentials)
-    except Exception:
-        policy.stop()
-        raise
-    both = SecureServers(policy, trainer, ca=certs.ca, other_ca=certs.other_ca)
+    secure = ["--host", "127.0.0.1", "--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key),
+              "--annotator-token-file", str(folder / "annotator"), "--admin-token-file", str(folder / "admin")]
+    started = launch.start_servers(
+        tiny_model_dir, folder / "data", args=secure, cwd=ROOT, credentials=channel_credentials(certs.ca),
+        trainer_args=["--policy-tls-ca", str(certs.ca), "--policy-token-file", str(folder / "admin")])
+    both = SecureServers(*started.processes, ca=certs.ca, other_ca=certs.other_ca)
     yield both
     both.stop()
 
@@ -244,7 +243,8 @@ def test_example_over_tls_with_tokens(secure_servers, language):
     first call fails with a clear error."""
     done = run_example(language, secure_servers.env(token=ADMIN_TOKEN))
     assert done.returncode == 0, f"{done.stdout[-4000:]}\n{secure_servers.logs()}"
-    assert re.search(r"^submitted example-\S+: status 1 rows [12]$", done.stdout, re.M), done.stdout
+    check_example_annotation(done.stdout, secure_servers, "ts" if language == "typescript" else "go",
+                             credentials=secure_servers.ca.read_bytes(), token=ADMIN_TOKEN)
     assert re.search(r"^done: model version [1-9]\d*", done.stdout, re.M), done.stdout
     refusals = [(ANNOTATOR_TOKEN, None, r"permission.denied|PERMISSION_DENIED"),
                 (None, None, r"unauthenticated|UNAUTHENTICATED"),

@@ -5,11 +5,13 @@ is there and the ones the loop drives have moved.
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import tokenfeedback.v1.trainer_pb2 as trainer_pb2
 from common.connect import CONNECT_LINE
 from tests.reliability.conftest import start_policy, start_trainer
 from tokenfeedback import InvalidArgumentError, PolicyClient, TrainerClient
@@ -126,6 +128,71 @@ def test_rpc_metrics_count_every_call_on_both_transports(loop_servers):
     # health checks and unknown paths never become labels
     assert all(dict(labels).get("method", "/tokenfeedback.v1.").startswith("/tokenfeedback.v1.")
                for _, labels in policy_after)
+
+
+def test_metrics_move_with_a_short_loop(loop_servers):
+    policy_server, trainer_server = loop_servers
+    policy_before, trainer_before = scrape(policy_server), scrape(trainer_server)
+
+    with PolicyClient(policy_server.address) as policy, TrainerClient(trainer_server.address) as trainer:
+        done = [policy.complete("The capital of France is", max_new_tokens=4, seed=s, stop_on_eos=False)
+                for s in range(2)]
+        sequences = [d.annotate(token_labels=[{"position": 0, "weight": -1.0}]) for d in done]
+        assert all(r.status == trainer_pb2.SUBMIT_STATUS_ACCEPTED for r in trainer.submit(sequences))
+        with pytest.raises(InvalidArgumentError):  # counted under its code
+            trainer.submit({"annotation_id": "bad", "prompt_token_ids": [1], "completion_token_ids": []})
+        progress = list(trainer.train(steps=2))
+        assert progress[-1].done
+        version = trainer.status().model_version
+        deadline = time.monotonic() + 60  # the publish reaches the policy server
+        while policy.model_info().model_version != version and time.monotonic() < deadline:
+            time.sleep(0.2)
+    urllib.request.urlopen(urllib.request.Request(  # one call over Connect, counted as such
+        http_url(trainer_server) + STATUS, data=b"{}", headers={"content-type": "application/json"}), timeout=30).read()
+
+    policy_after, trainer_after = scrape(policy_server), scrape(trainer_server)
+    assert set(POLICY_METRICS) <= names(policy_after), set(POLICY_METRICS) - names(policy_after)
+    assert set(TRAINER_METRICS) <= names(trainer_after), set(TRAINER_METRICS) - names(trainer_after)
+    assert not names(policy_after) & {"tokenfeedback_trainer_rows", "tokenfeedback_trainer_publish_seconds"}
+
+    def moved(before, after, name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    # policy: per-RPC counts and latencies, tokens, first tokens, the weight version, the update
+    assert moved(policy_before, policy_after, "tokenfeedback_rpc_requests_total",
+                 transport="grpc", method=GENERATE, code="OK") == 2
+    assert moved(policy_before, policy_after, "tokenfeedback_rpc_duration_seconds_count",
+                 transport="grpc", method=GENERATE) == 2
+    assert moved(policy_before, policy_after, "tokenfeedback_policy_tokens_generated_total") == 8
+    assert moved(policy_before, policy_after, "tokenfeedback_policy_time_to_first_token_seconds_count") == 2
+    assert value(policy_after, "tokenfeedback_policy_weight_version") == version >= 1
+    assert moved(policy_before, policy_after, "tokenfeedback_policy_weight_update_seconds_count") >= 1
+    assert moved(policy_before, policy_after, "tokenfeedback_rpc_requests_total",
+                 transport="grpc", method=UPDATE, code="OK") >= 1
+    assert value(policy_after, "tokenfeedback_policy_streams_running") == 0
+
+    # trainer: annotations by state, rows, steps, loss terms, each replica's version and lag
+    assert moved(trainer_before, trainer_after, "tokenfeedback_rpc_requests_total",
+                 transport="grpc", method=SUBMIT, code="OK") == 1
+    assert moved(trainer_before, trainer_after, "tokenfeedback_rpc_requests_total",
+                 transport="grpc", method=SUBMIT, code="INVALID_ARGUMENT") == 1
+    assert moved(trainer_before, trainer_after, "tokenfeedback_rpc_requests_total",
+                 transport="connect", method=STATUS, code="OK") == 1
+    annotations = {state: value(trainer_after, "tokenfeedback_trainer_annotations", state=state)
+                   for state in ("pending", "consumed", "withdrawn")}
+    assert annotations["pending"] + annotations["consumed"] == 2 and annotations["consumed"] >= 1, annotations
+    assert value(trainer_after, "tokenfeedback_trainer_rows") >= 2
+    assert moved(trainer_before, trainer_after, "tokenfeedback_trainer_steps_total") == 2
+    assert value(trainer_after, "tokenfeedback_trainer_model_version") == version
+    assert value(trainer_after, "tokenfeedback_trainer_loss") != 0.0
+    assert value(trainer_after, "tokenfeedback_trainer_beta") > 0.0
+    replica = policy_server.address
+    assert value(trainer_after, "tokenfeedback_trainer_policy_version", policy=replica) == version
+    assert value(trainer_after, "tokenfeedback_trainer_policy_lag", policy=replica) == 0
+    assert value(trainer_after, "tokenfeedback_trainer_policy_reachable", policy=replica) == 1
+    assert value(trainer_after, "tokenfeedback_trainer_policy_last_publish_bytes", policy=replica) > 0
+    assert moved(trainer_before, trainer_after, "tokenfeedback_trainer_publish_seconds_count", policy=replica) >= 1
+    assert moved(trainer_before, trainer_after, "tokenfeedback_trainer_published_bytes_total", policy=replica) > 0
 
 
 def test_metrics_answers_get_only_and_needs_no_body(loop_servers):

@@ -1,6 +1,13 @@
-"""Policy server fixtures: a real server subprocess on the tiny model, a gRPC stub, and helpers."""
+"""Policy server fixtures: a real server subprocess on the tiny model, a gRPC stub, and helpers.
+
+The contract tests run against every engine in POLICY_ENGINES (comma-separated, default `hf`):
+`make test-integration` runs them with `hf,vllm` (the vLLM server from .cache/vllm-venv, which a
+start takes minutes on a CPU); `make test` runs the vLLM smoke test (test_vllm.py) only.
+"""
 
 from __future__ import annotations
+
+import os
 
 import grpc
 import pytest
@@ -10,11 +17,33 @@ import tokenfeedback.v1.policy_pb2 as pb
 import tokenfeedback.v1.policy_pb2_grpc as pb_grpc
 from common.weights import iter_chunks, summarize
 
+ENGINES = tuple(e.strip() for e in os.environ.get("POLICY_ENGINES", "hf").split(",") if e.strip())
+VLLM_TEST_TIMEOUT_S = 1200  # a test that starts a vLLM server (module fixtures count) gets this long
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("policy_engine", "hf") != "hf":
+            item.add_marker(pytest.mark.timeout(VLLM_TEST_TIMEOUT_S))
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def policy_engine(request) -> str:
+    """The engine the module's server runs (`--engine`)."""
+    return request.param
+
 
 @pytest.fixture(scope="module")
-def policy_server(tiny_model_dir, start_policy_server):
+def tiny_model_dir(tiny_model_dir, tiny_vllm_model_dir, policy_engine):
+    """The tiny model the module's engine loads (vLLM's CPU attention needs heads of >= 32 dims)."""
+    return tiny_model_dir if policy_engine == "hf" else tiny_vllm_model_dir
+
+
+@pytest.fixture(scope="module")
+def policy_server(tiny_model_dir, start_policy_server, policy_engine):
     """One server per test module (modules that update weights don't disturb the others)."""
-    with start_policy_server(tiny_model_dir) as server:
+    with start_policy_server(tiny_model_dir, engine=policy_engine) as server:
         yield server
 
 

@@ -19,8 +19,8 @@ PROBE = dict(prompt_text="Paris is the capital of", completion_text=" Canada. Ot
 
 
 @pytest.fixture(scope="module")
-def policy_server(tiny_model_dir, start_policy_server):
-    with start_policy_server(tiny_model_dir, "--max-new-tokens-limit", "1000") as server:
+def policy_server(tiny_model_dir, start_policy_server, policy_engine):
+    with start_policy_server(tiny_model_dir, "--max-new-tokens-limit", "1000", engine=policy_engine) as server:
         yield server
 
 

@@ -33,6 +33,8 @@ import h11
 from starlette.exceptions import HTTPException
 from starlette.staticfiles import StaticFiles
 
+from tokenfeedback.launch import Servers, announce, start_servers
+
 log = logging.getLogger("tokenfeedback.label")
 
 REPO = Path(__file__).resolve().parents[3]
@@ -204,44 +206,9 @@ def label_app(config: LabelConfig, policy: Upstream, trainer: Upstream):
     return app
 
 
-def start_servers(config: LabelConfig, say) -> tuple[list, str, str]:
-    """Policy and trainer servers on the demo defaults, each with a Connect port. Returns the
-    server processes (to stop) and their Connect URLs."""
-    from common.connect import CONNECT_LINE
-    from common.process import start_server
-
-    def connect_url(server) -> str:
-        for line in list(server.output):
-            match = CONNECT_LINE.search(line)
-            if match:
-                return match.group(2)
-        raise RuntimeError(f"{server.name} server printed no Connect address (does it take --http-port?):\n"
-                           f"{server.log_tail(20)}")
-
-    if not Path(config.model).exists() and config.model.startswith(("data/", ".", "/")):
-        raise FileNotFoundError(f"--model: no model at {config.model} (run `make model`, or pass --model DIR)")
-    servers = []
-    try:
-        say(f"starting the policy server on {config.model} ...")
-        policy = start_server("policy_server", ["--model", config.model, "--port", "0", "--http-port", "0"],
-                              name="policy", timeout=config.startup_timeout)
-        servers.append(policy)
-        say("starting the trainer server ...")
-        trainer = start_server("trainer_server", ["--model", config.model, "--data", config.data, "--port", "0",
-                                                  "--http-port", "0", "--policy", policy.address],
-                               name="trainer", timeout=config.startup_timeout)
-        servers.append(trainer)
-        return servers, connect_url(policy), connect_url(trainer)
-    except BaseException:
-        for server in reversed(servers):
-            server.stop()
-        raise
-
-
 async def serve(config: LabelConfig, policy_url: str, trainer_url: str, say) -> None:
     """Serve the page until SIGTERM or SIGINT."""
     from common.connect import HttpServer
-    from common.process import announce
     from common.rpc import install_signal_handlers
 
     app = label_app(config, Upstream.parse("policy", policy_url), Upstream.parse("trainer", trainer_url))
@@ -250,7 +217,7 @@ async def serve(config: LabelConfig, policy_url: str, trainer_url: str, say) -> 
     stop = asyncio.Event()
     install_signal_handlers(stop)
     say(f"labeling page: http://{config.host}:{port}/  (policy {policy_url}, trainer {trainer_url}; Ctrl-C stops)")
-    announce("label", config.host, port)  # last: common.process takes this line as "ready"
+    announce("label", config.host, port)  # last: tokenfeedback.launch takes this line as "ready"
     try:
         await stop.wait()
     finally:
@@ -260,18 +227,19 @@ async def serve(config: LabelConfig, policy_url: str, trainer_url: str, say) -> 
 def run_label(config: LabelConfig, say=print) -> int:
     if bool(config.policy_http) != bool(config.trainer_http):
         raise ValueError("--policy-http and --trainer-http: give both (running servers) or neither (start both)")
-    servers: list = []
+    servers: Servers | None = None
     try:
         if config.policy_http:
             policy_url, trainer_url = config.policy_http, config.trainer_http
-        else:
-            servers, policy_url, trainer_url = start_servers(config, say)
+        else:  # both on the demo defaults, each with a Connect port
+            servers = start_servers(config.model, config.data, http=True, timeout=config.startup_timeout, say=say)
+            policy_url, trainer_url = servers.policy.connect_url, servers.trainer.connect_url
         asyncio.run(serve(config, policy_url, trainer_url, say))
     except KeyboardInterrupt:
         pass
     finally:
-        for server in reversed(servers):
-            server.stop()
+        if servers is not None:
+            servers.stop()
     return 0
 
 

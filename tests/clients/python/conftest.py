@@ -16,18 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from common.process import ServerProcess, start_server
+from tokenfeedback.launch import Servers, start_servers
 
 ROOT = Path(__file__).resolve().parents[3]
 DEMO_MODEL = ROOT / "data" / "demo-model"
 
 
 @dataclass
-class Servers:
-    policy: ServerProcess
-    trainer: ServerProcess
-    model: Path
-    data: Path
+class BothServers(Servers):
+    """The launcher's pair, with the addresses the tests pass to clients."""
 
     @property
     def policy_address(self) -> str:
@@ -38,38 +35,23 @@ class Servers:
         return self.trainer.address
 
 
-def start_both(model: Path, data: Path, *trainer_args: str) -> Servers:
-    policy = start_server("policy_server", ["--model", str(model), "--port", "0", "--host", "127.0.0.1"],
-                          name="policy", cwd=ROOT)
-    try:
-        trainer = start_server(
-            "trainer_server",
-            ["--model", str(model), "--data", str(data), "--port", "0", "--host", "127.0.0.1",
-             "--policy", policy.address, *trainer_args],
-            name="trainer", cwd=ROOT,
-        )
-    except Exception:
-        policy.stop()
-        raise
-    return Servers(policy, trainer, model, data)
+def start_both(model: Path, data: Path) -> BothServers:
+    servers = start_servers(model, data, args=["--host", "127.0.0.1"], cwd=ROOT)
+    return BothServers(servers.policy, servers.trainer)
 
 
 @pytest.fixture(scope="module")
 def servers(tiny_model_dir, tmp_path_factory):
-    both = start_both(tiny_model_dir, tmp_path_factory.mktemp("trainer-data"))
-    yield both
-    both.trainer.stop()
-    both.policy.stop()
+    with start_both(tiny_model_dir, tmp_path_factory.mktemp("trainer-data")) as both:
+        yield both
 
 
 @pytest.fixture(scope="module")
 def demo_servers(tmp_path_factory):
     if not (DEMO_MODEL / "config.json").exists():
         pytest.skip(f"no demo model at {DEMO_MODEL}: run `make model`")
-    both = start_both(DEMO_MODEL, tmp_path_factory.mktemp("trainer-data"))
-    yield both
-    both.trainer.stop()
-    both.policy.stop()
+    with start_both(DEMO_MODEL, tmp_path_factory.mktemp("trainer-data")) as both:
+        yield both
 
 
 @pytest.fixture(scope="session")

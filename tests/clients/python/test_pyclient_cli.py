@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -167,20 +169,34 @@ def test_train_status_and_tokenize(cli, addresses):
     progress = lines(result.stdout)
     assert all(p["event"] == "progress" for p in progress) and progress[-1]["done"]
     assert [p["step"] for p in progress[:-1]] == [1, 2]
+    assert all(p["horizon"] == 1 for p in progress)  # a number where it is one
     version = progress[-1]["model_version"]
 
     human = cli(*addresses, "train", "--steps", "1")
     assert human.returncode == 0, human.stderr
     assert human.stdout.startswith("trained 1 step(s): loss") and "step" in human.stderr  # the tqdm bar
+    # the bar's last line counts the rows the steps trained on (the final message has none of its own)
+    last_bar = [line for line in re.split(r"[\r\n]+", human.stderr) if "rows=" in line][-1]
+    rows = int(re.search(r"rows=(\d+)", last_bar).group(1))
+    assert rows > 0 and f", {rows} rows" in human.stdout, (human.stdout, last_bar)
 
     [status] = lines(cli(*addresses, "status", "--json").stdout)
     assert status["model_version"] == version + 1 and status["annotations_total"] >= 1
+    assert status["horizon"] == 1 and isinstance(status["horizon"], int)
     assert status["policies"][0]["model_version"] == version + 1
     text = cli(*addresses, "status").stdout
     assert f"version {version + 1}" in text and "annotations:" in text
 
     tokens = lines(cli(*addresses, "tokenize", " Paris 😀", "--json").stdout)
     assert "".join(t["text"] for t in tokens) == " Paris 😀" and tokens[0]["position"] == 0
+
+
+def test_horizon_is_a_number_where_it_is_one():
+    from tokenfeedback.commands.registry import with_numeric_horizon
+
+    assert with_numeric_horizon({"horizon": "3", "gamma": 1.0}) == {"horizon": 3, "gamma": 1.0}
+    assert with_numeric_horizon({"horizon": "full"}) == {"horizon": "full"}
+    assert with_numeric_horizon({"step": 1}) == {"step": 1}
 
 
 def test_global_options_before_or_after_the_command(cli, servers):
@@ -221,7 +237,7 @@ def test_serve_starts_both_and_stops_on_ctrl_c(tiny_model_dir, tmp_path):
     root = Path(__file__).resolve().parents[3]
     proc = subprocess.Popen(
         [sys.executable, "-m", "tokenfeedback", "serve", "--model", str(tiny_model_dir), "--data", str(tmp_path),
-         "--policy-port", "0", "--trainer-port", "0", "--json"],
+         "--policy-port", "0", "--trainer-port", "0", "--policy-http-port", "0", "--trainer-http-port", "0", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root, start_new_session=True,
     )
     try:
@@ -229,6 +245,13 @@ def test_serve_starts_both_and_stops_on_ctrl_c(tiny_model_dir, tmp_path):
         assert serving["event"] == "serving", proc.stderr.read()
         with TrainerClient(serving["trainer"]) as trainer:
             assert trainer.status().policies[0].address == serving["policy"]
+        # the Connect ports answer what README's curl example sends
+        for url, method, field in ((serving["trainer_http"], "TrainerService/GetStatus", "variant"),
+                                   (serving["policy_http"], "PolicyService/GetModelInfo", "vocabSize")):
+            request = urllib.request.Request(f"{url}/tokenfeedback.v1.{method}", data=b"{}",
+                                             headers={"content-type": "application/json"})
+            with urllib.request.urlopen(request, timeout=30) as reply:
+                assert reply.status == 200 and field in json.loads(reply.read()), method
         proc.send_signal(signal.SIGINT)
         # communicate drains both pipes while waiting: a full stderr pipe would block the exit
         out, err = proc.communicate(timeout=60)

@@ -16,7 +16,7 @@ import pytest
 from google.protobuf import json_format
 
 import tokenfeedback.v1.trainer_pb2 as trainer_pb2
-from tokenfeedback import NotFoundError, PolicyClient, TokenfeedbackError, TrainerClient
+from tokenfeedback import InvalidArgumentError, NotFoundError, PolicyClient, TokenfeedbackError, TrainerClient
 
 VECTORS_FILE = Path(__file__).resolve().parents[2] / "vectors" / "annotations.json"
 VECTORS = json.loads(VECTORS_FILE.read_text(encoding="utf-8"))
@@ -83,8 +83,11 @@ def run_case(case: dict, trainer: TrainerClient, prefix: str) -> None:
         assert reward == wanted["sequenceReward"], where
         assert stored.annotator_id == wanted["annotatorId"] and dict(stored.metadata) == wanted["metadata"], where
     for annotation_id in case["absent"]:
-        with pytest.raises(NotFoundError):
+        # not stored: NOT_FOUND, or INVALID_ARGUMENT for an id no annotation can have (too long)
+        with pytest.raises((NotFoundError, InvalidArgumentError)) as raised:
             trainer.get_annotation(prefix + annotation_id)
+        if isinstance(raised.value, InvalidArgumentError):
+            assert raised.value.field == "annotation_id" and len(prefix + annotation_id) > 200, raised.value
 
 
 @pytest.fixture(scope="module")

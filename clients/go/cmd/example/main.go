@@ -1,8 +1,12 @@
-// Command example is the feedback loop in one program: generate a completion, mark its least
-// probable token bad (naming the model's own favourite at that position as the replacement),
-// submit the annotation, and train one step.
+// Command example is the feedback loop in one program, on a completion it KNOWS is wrong: score
+// "Paris is the capital of" + " Canada." (a false fact), mark the token where it goes wrong
+// (" Canada") bad with the right token (" France") as its replacement, submit the annotation,
+// train one step, and score again. It never marks a token of the model's own output, whose
+// errors it cannot know: an example that guesses (say, "the least likely token is wrong") can
+// mark a right answer bad, and its annotation stays in the trainer's store and is replayed by
+// later training.
 //
-//	example [-policy HOST:PORT] [-trainer HOST:PORT] [-prompt TEXT]
+//	example [-policy HOST:PORT] [-trainer HOST:PORT]
 //
 // Addresses default to $TOKENFEEDBACK_POLICY_ADDR / $TOKENFEEDBACK_TRAINER_ADDR, then
 // $TOKENFEEDBACK_POLICY / $TOKENFEEDBACK_TRAINER (what `tokenfeedback serve` prints), then
@@ -28,15 +32,20 @@ import (
 func main() {
 	policyAddr := flag.String("policy", firstSet("TOKENFEEDBACK_POLICY_ADDR", "TOKENFEEDBACK_POLICY", "127.0.0.1:50051"), "policy server HOST:PORT")
 	trainerAddr := flag.String("trainer", firstSet("TOKENFEEDBACK_TRAINER_ADDR", "TOKENFEEDBACK_TRAINER", "127.0.0.1:50052"), "trainer HOST:PORT")
-	prompt := flag.String("prompt", "The capital of Canada is", "prompt text")
 	flag.Parse()
-	if err := run(*policyAddr, *trainerAddr, *prompt); err != nil {
+	if err := run(*policyAddr, *trainerAddr); err != nil {
 		fmt.Fprintln(os.Stderr, "error:", err)
 		os.Exit(1)
 	}
 }
 
-func run(policyAddr, trainerAddr, prompt string) error {
+const (
+	prompt = "Paris is the capital of"
+	wrong  = " Canada." // the false completion this example corrects
+	right  = " France." // what it should say
+)
+
+func run(policyAddr, trainerAddr string) error {
 	options := &tokenfeedback.Options{Token: os.Getenv("TOKENFEEDBACK_TOKEN"), RootCertificatesFile: os.Getenv("TOKENFEEDBACK_CA")}
 	policy, err := tokenfeedback.DialPolicy(policyAddr, options)
 	if err != nil {
@@ -51,53 +60,43 @@ func run(policyAddr, trainerAddr, prompt string) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 
-	// 1. Generate.
-	completion, err := policy.Complete(ctx, &v1.GenerateRequest{
-		PromptText: prompt,
-		Params:     &v1.SamplingParams{MaxNewTokens: 12, Temperature: proto.Float32(1), NumAlternatives: 5, Seed: proto.Uint64(7)},
-	})
+	// 1. Score the wrong completion and the right one (teacher forcing: the model's logprob of
+	//    each given token). The first position where their tokens differ is where the wrong one
+	//    goes wrong; the right one's token there is the replacement.
+	scoredWrong, err := policy.Score(ctx, &v1.ScoreRequest{PromptText: prompt, CompletionText: wrong})
 	if err != nil {
 		return err
 	}
-	fmt.Printf("prompt:     %q (model version %d)\n", completion.Start.PromptText, completion.Start.ModelVersion)
-	fmt.Printf("completion: %q\n", completion.End.CompletionText)
-	if len(completion.Tokens) == 0 {
-		return fmt.Errorf("the model generated no tokens")
+	scoredRight, err := policy.Score(ctx, &v1.ScoreRequest{PromptText: prompt, CompletionText: right})
+	if err != nil {
+		return err
 	}
-
-	// 2. The least probable token is the one to mark bad.
-	worst := completion.Tokens[0]
-	for _, token := range completion.Tokens[1:] {
-		if token.Logprob < worst.Logprob {
-			worst = token
-		}
-	}
-	label := &v1.TokenLabel{Position: worst.Position, Weight: -1}
-	fmt.Printf("worst token: #%d %q logprob %.3f", worst.Position, worst.Text, worst.Logprob)
-	for _, alt := range worst.Alternatives {
-		if alt.TokenId != worst.TokenId {
-			label.ReplacementTokenId = proto.Int32(alt.TokenId)
-			fmt.Printf("; replacement %q (%.3f)", alt.Text, alt.Logprob)
+	at := -1
+	for i, token := range scoredWrong.Tokens {
+		if i >= len(scoredRight.Tokens) || token.TokenId != scoredRight.Tokens[i].TokenId {
+			at = i
 			break
 		}
 	}
-	fmt.Println()
-
-	// 3. Submit the annotation (the sampled ids are the truth; the behavior logprobs let the
-	//    trainer correct for sampling).
-	ids := make([]int32, len(completion.Tokens))
-	behavior := make([]float32, len(completion.Tokens))
-	for i, token := range completion.Tokens {
-		ids[i], behavior[i] = token.TokenId, token.SamplingLogprob
+	if at < 0 {
+		return fmt.Errorf("%q and %q tokenize alike", wrong, right)
 	}
+	bad, replacement := scoredWrong.Tokens[at], scoredRight.Tokens[at]
+	fmt.Printf("prompt:     %q (model version %d)\n", prompt, scoredWrong.ModelVersion)
+	fmt.Printf("completion: %q (known to be wrong)\n", scoredWrong.CompletionText)
+	fmt.Printf("bad token:  #%d %q id %d logprob %.3f; replacement %q id %d logprob %.3f\n",
+		at, bad.Text, bad.TokenId, bad.Logprob, replacement.Text, replacement.TokenId, replacement.Logprob)
+
+	// 2. Submit the annotation: the scored ids are the truth. No behavior logprobs: the
+	//    completion was given, not sampled.
+	wrongIDs, rightIDs := tokenIDs(scoredWrong.Tokens), tokenIDs(scoredRight.Tokens)
 	id := "example-go-" + randomHex(8)
 	reply, err := trainer.SubmitAnnotations(ctx, []*v1.AnnotatedSequence{{
 		AnnotationId:       id,
-		PromptTokenIds:     completion.Start.PromptTokenIds,
-		CompletionTokenIds: ids,
-		ModelVersion:       completion.Start.ModelVersion,
-		BehaviorLogprobs:   behavior,
-		TokenLabels:        []*v1.TokenLabel{label},
+		PromptTokenIds:     scoredWrong.PromptTokenIds,
+		CompletionTokenIds: wrongIDs,
+		ModelVersion:       scoredWrong.ModelVersion,
+		TokenLabels:        []*v1.TokenLabel{{Position: int32(at), Weight: -1, ReplacementTokenId: proto.Int32(replacement.TokenId)}},
 		AnnotatorId:        "clients/go/cmd/example",
 	}}, false)
 	if err != nil {
@@ -106,13 +105,13 @@ func run(policyAddr, trainerAddr, prompt string) error {
 	result := reply.Results[0]
 	fmt.Printf("submitted %s: status %d rows %d\n", id, result.Status, result.Rows)
 
-	// 4. Train one step and show its progress.
+	// 3. Train one step and show its progress.
 	stream := trainer.Train(ctx, &v1.TrainRequest{Steps: 1})
 	defer stream.Close()
 	for {
 		progress, err := stream.Recv()
 		if err == io.EOF {
-			return nil
+			break
 		}
 		if err != nil {
 			return err
@@ -124,6 +123,38 @@ func run(policyAddr, trainerAddr, prompt string) error {
 				progress.Step, progress.TotalSteps, progress.Loss, progress.TokenLoss, progress.Kl, progress.Rows)
 		}
 	}
+
+	// 4. The same tokens under the weights the policy server holds now (one step moves them a
+	//    little; the step's batch may hold other pending annotations too).
+	badAfter, err := logprobAt(ctx, policy, scoredWrong.PromptTokenIds, wrongIDs, at)
+	if err != nil {
+		return err
+	}
+	replacementAfter, err := logprobAt(ctx, policy, scoredWrong.PromptTokenIds, rightIDs, at)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("logprob of %q %.3f -> %.3f, of %q %.3f -> %.3f\n",
+		bad.Text, bad.Logprob, badAfter, replacement.Text, replacement.Logprob, replacementAfter)
+	return nil
+}
+
+// tokenIDs are the ids of scored tokens.
+func tokenIDs(tokens []*v1.ScoredToken) []int32 {
+	ids := make([]int32, len(tokens))
+	for i, token := range tokens {
+		ids[i] = token.TokenId
+	}
+	return ids
+}
+
+// logprobAt scores the completion ids after the prompt ids and returns the logprob at position at.
+func logprobAt(ctx context.Context, policy *tokenfeedback.PolicyClient, promptIDs, ids []int32, at int) (float32, error) {
+	scored, err := policy.Score(ctx, &v1.ScoreRequest{PromptTokenIds: promptIDs, CompletionTokenIds: ids})
+	if err != nil {
+		return 0, err
+	}
+	return scored.Tokens[at].Logprob, nil
 }
 
 // firstSet is the first of the environment variables that is set, else fallback.
