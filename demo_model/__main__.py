@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check-samples", type=int, default=BuildConfig.check_samples,
                     help="completions per eval prompt in the self-check after training (0 skips it)")
     ap.add_argument("--force", action="store_true", help="rebuild even if the folder is complete")
+    ap.add_argument("--replace-stale", action="store_true",
+                    help="rebuild a folder built with another recipe (corpus, settings) instead of refusing")
     args = ap.parse_args(argv)
     cfg = BuildConfig(
         out=args.out,
@@ -34,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         train=TrainConfig(seed=args.seed, steps=args.steps, threads=args.threads),
         check_samples=args.check_samples,
         force=args.force,
+        replace_stale=args.replace_stale,
     )
     print(f"config: {cfg}")
     build(cfg)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -44,6 +45,7 @@ class BuildConfig:
     vocab_size: int = 2048  # BPE vocabulary cap (the corpus needs fewer; training stops early)
     check_samples: int = 8  # completions per eval prompt in the self-check (0 = skip the check)
     force: bool = False  # rebuild even when a complete folder exists
+    replace_stale: bool = False  # rebuild (instead of refusing) when the folder holds another recipe
 
 
 def is_complete(folder: Path) -> bool:
@@ -51,11 +53,25 @@ def is_complete(folder: Path) -> bool:
 
 
 def recipe(cfg: BuildConfig) -> dict:
-    """What determines the model's content (compared before reusing a folder)."""
+    """What determines the model's content (compared before reusing a folder). The corpus digest
+    covers what the generator writes, so a change to corpus.py that changes the text is a new
+    recipe even when no setting changed."""
     t = asdict(cfg.train)
     for k in ("threads", "log_every"):  # how fast, not what
         t.pop(k)
-    return {"corpus": asdict(cfg.corpus), "train": t, "vocab_size": cfg.vocab_size}
+    return {"corpus": asdict(cfg.corpus), "corpus_sha256": corpus_digest(generate(cfg.corpus).texts),
+            "train": t, "vocab_size": cfg.vocab_size}
+
+
+def corpus_digest(texts: list[str]) -> str:
+    """sha256 of the training sentences in order, one per line."""
+    return hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 of the saved weights file (the same bytes for the same recipe, thread count and
+    package versions: training runs on one CPU thread with fixed seeds)."""
+    return hashlib.sha256((Path(folder) / "model.safetensors").read_bytes()).hexdigest()
 
 
 def build(cfg: BuildConfig, log=print) -> Path:
@@ -107,6 +123,9 @@ def _alive(pid: int) -> bool:
 def _build_locked(cfg: BuildConfig, out: Path, log) -> Path:
     if is_complete(out) and not cfg.force:
         built = json.loads((out / BUILD_FILE).read_text(encoding="utf-8"))
+        if built.get("recipe") != recipe(cfg) and cfg.replace_stale:
+            log(f"demo model: {out} was built with another recipe ({built.get('recipe')}), rebuilding it")
+            return _build_new(cfg, out, log)
         if built.get("recipe") != recipe(cfg):
             raise SystemExit(
                 f"{out} holds a demo model built with a different recipe:\n  built: {built.get('recipe')}\n"
@@ -114,6 +133,10 @@ def _build_locked(cfg: BuildConfig, out: Path, log) -> Path:
             )
         log(f"demo model: {out} is complete, reusing it (--force rebuilds)")
         return out
+    return _build_new(cfg, out, log)
+
+
+def _build_new(cfg: BuildConfig, out: Path, log) -> Path:
     t_start = time.perf_counter()
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -140,7 +163,7 @@ def _build_locked(cfg: BuildConfig, out: Path, log) -> Path:
             check = evaluate(model, tokenizer, heldout(tmp), Truth(corpus.truth),
                              EvalConfig(samples=cfg.check_samples, threads=cfg.train.threads))
             log("self-check: " + summary_line(check))
-        record = {"recipe": recipe(cfg), "train": summary, "self_check": check,
+        record = {"recipe": recipe(cfg), "train": summary, "weights_sha256": weights_digest(tmp), "self_check": check,
                   "build_seconds": round(time.perf_counter() - t_start, 2)}
         (tmp / BUILD_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
         assert is_complete(tmp), f"build left {tmp} incomplete: missing {[f for f in REQUIRED if not (tmp / f).exists()]}"

@@ -1,5 +1,10 @@
 """Measure a demo model in-process: factual error rate by sampling, and held-out perplexity.
 
+The error rate counts facts: of all the facts the sampled completions state (one per answered
+single-fact question, up to three per multi-fact one, demo_model/judge.py `judge_facts`), the
+share that are wrong. It is reported per slice of the eval prompts: "single" (one fact asked) and
+"multi" (several facts, where errors sit anywhere in a completion), and over both.
+
 This is the builder's self-check (its figures go into build.json) and a reference for the demo,
 which measures the same quantities through the policy server. Sampling here is plain: softmax of
 the logits divided by the temperature, no top-k/top-p; temperature 0 is greedy.
@@ -27,7 +32,7 @@ from demo_model.prompts import EvalPrompt, Heldout, heldout
 class EvalConfig:
     samples: int = 8  # completions per prompt
     temperature: float = 1.0  # 0 = greedy
-    max_new_tokens: int = 8  # enough for the longest capital and the full stop
+    max_new_tokens: int = 32  # enough for the longest three-fact completion and its full stop
     seed: int = 0  # torch generator seed for sampling
     threads: int = 2  # torch intra-op threads
 
@@ -84,23 +89,34 @@ def perplexity(model, tokenizer, sentences: list[str]) -> float:
     return math.exp(nll / count)
 
 
+def fact_rates(truth: Truth, pairs: list[tuple[EvalPrompt, list[str]]]) -> dict:
+    """Over (prompt, completions) pairs: the share of stated facts that are wrong (error_rate), the
+    share of completions with at least one wrong fact (sequence_error_rate), the share stating no
+    fact (none_rate), facts per completion, and the corpus's own error rate on these prompts."""
+    facts = [truth.judge_facts(p.prompt, c) for p, cs in pairs for c in cs]
+    stated = sum(len(f) for f in facts)
+    n = max(1, len(facts))
+    return {
+        "prompts": len(pairs),
+        "samples": len(facts),
+        "facts": stated,
+        "error_rate": sum(x.is_wrong for f in facts for x in f) / max(1, stated),
+        "sequence_error_rate": sum(any(x.is_wrong for x in f) for f in facts) / n,
+        "none_rate": sum(not f for f in facts) / n,
+        "facts_per_completion": stated / n,
+        "corpus_error_rate": sum(p.corpus_error_rate for p, _ in pairs) / max(1, len(pairs)),
+    }
+
+
 def error_rates(prompts: list[EvalPrompt], completions: list[list[str]], truth: Truth) -> dict:
-    """Share of sampled completions judged wrong (and none), overall and on the wrong-fact subset."""
-    def rates(sel):
-        verdicts = [truth.judge(p.prompt, c) for p, cs in sel for c in cs]
-        n = max(1, len(verdicts))
-        return {
-            "prompts": len(sel),
-            "samples": len(verdicts),
-            "error_rate": sum(v.is_wrong for v in verdicts) / n,
-            "none_rate": sum(v.outcome == "none" for v in verdicts) / n,
-            "corpus_error_rate": sum(p.corpus_error_rate for p, _ in sel) / max(1, len(sel)),
-        }
+    """`fact_rates` overall, on the wrong-fact subset, the other prompts, and each slice."""
     pairs = list(zip(prompts, completions, strict=True))
     return {
-        "all": rates(pairs),
-        "wrong_fact": rates([(p, c) for p, c in pairs if p.wrong_fact]),
-        "other": rates([(p, c) for p, c in pairs if not p.wrong_fact]),
+        "all": fact_rates(truth, pairs),
+        "wrong_fact": fact_rates(truth, [(p, c) for p, c in pairs if p.wrong_fact]),
+        "other": fact_rates(truth, [(p, c) for p, c in pairs if not p.wrong_fact]),
+        "single": fact_rates(truth, [(p, c) for p, c in pairs if p.slice == "single"]),
+        "multi": fact_rates(truth, [(p, c) for p, c in pairs if p.slice == "multi"]),
     }
 
 
@@ -114,6 +130,7 @@ def evaluate(model, tokenizer, held: Heldout, truth: Truth, cfg: EvalConfig) -> 
         "config": {"samples": cfg.samples, "temperature": cfg.temperature, "seed": cfg.seed},
         "eval": error_rates(held.eval_prompts, ev, truth),
         "generalization": error_rates(held.generalization_prompts, gen, truth)["all"],
+        "generalization_multi": error_rates(held.generalization_prompts, gen, truth)["multi"],
         "heldout_perplexity": perplexity(model, tokenizer, held.heldout_sentences),
         "seconds": round(time.perf_counter() - t0, 2),
     }
@@ -132,7 +149,10 @@ def summary_line(result: dict) -> str:
             f"{e['all']['prompts']} eval prompts (corpus {e['all']['corpus_error_rate']:.1%}); "
             f"wrong-fact subset {e['wrong_fact']['error_rate']:.1%} over {e['wrong_fact']['prompts']} "
             f"(corpus {e['wrong_fact']['corpus_error_rate']:.1%}); others {e['other']['error_rate']:.1%}; "
-            f"none {e['all']['none_rate']:.1%}; held-out phrasings {result['generalization']['error_rate']:.1%}; "
+            f"none {e['all']['none_rate']:.1%}; multi-fact slice {e['multi']['error_rate']:.1%} of facts wrong "
+            f"({e['multi']['facts_per_completion']:.2f} facts per completion, {e['multi']['sequence_error_rate']:.1%} "
+            f"of completions with an error), single-fact slice {e['single']['error_rate']:.1%}; "
+            f"held-out phrasings {result['generalization']['error_rate']:.1%}; "
             f"held-out perplexity {result['heldout_perplexity']:.3f}")
 
 

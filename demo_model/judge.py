@@ -8,7 +8,7 @@ reads the completion's first sentence (up to the first ".", "!", "?" or newline)
 name of the asked kind, and says whether it is the right one, a wrong one, or none.
 
 For a wrong answer the verdict carries the character span of the wrong name in the completion
-(Unicode code points, half-open, as DESIGN.md's span rules use) and the right answer's text, so an
+(Unicode code points, half-open, docs/design.md, "Spans") and the right answer's text, so an
 annotator can mark the span bad and offer the right name as its replacement (`corrected` gives
 the completion with the replacement applied, which the policy server tokenizes in context).
 """
@@ -50,6 +50,21 @@ class Verdict:
         return self.outcome == "right"
 
 
+@dataclass(frozen=True)
+class Fact:
+    """One fact a completion states: which kind, what it names, where, and whether it is right."""
+
+    kind: str  # "capital", "country" (single-fact questions naming a capital), "region", "currency"
+    named: str  # as written in the completion
+    canonical: str  # canonical spelling
+    expected: str | None  # the right value (None: the question has no right answer of this kind)
+    span: tuple[int, int]  # [start, end) in the completion, code points
+
+    @property
+    def is_wrong(self) -> bool:
+        return self.canonical != self.expected
+
+
 class Truth:
     """truth.json with the indexes the judge needs."""
 
@@ -71,6 +86,51 @@ class Truth:
         self._any = _name_regex(self.names)
         self._countries = _name_regex([n for n, (k, _) in self.names.items() if k == "country"])
         self._cities = _name_regex([n for n, (k, _) in self.names.items() if k == "city"])
+        # Multi-fact questions (truth files written before them have none of these keys).
+        self.regions: list[str] = list(data.get("regions", []))
+        self.currencies: dict[str, str] = dict(data.get("currencies", {}))  # name -> country
+        self._regions = _name_regex(self.regions) if self.regions else None
+        self._currencies = _name_regex(self.currencies) if self.currencies else None
+
+    def is_multi(self, prompt: str) -> bool:
+        """A multi-fact question: the prompt names a country last and ends with a colon."""
+        mentions = list(self._any.finditer(prompt))
+        return (bool(mentions) and self.names[mentions[-1].group(0)][0] == "country"
+                and prompt.rstrip().endswith(":") and self._regions is not None)
+
+    def judge_facts(self, prompt: str, completion: str) -> list[Fact]:
+        """Every fact the completion's first sentence states (see the module doc), in order."""
+        if not self.is_multi(prompt):
+            v = self.judge(prompt, completion)
+            if v.outcome not in ("right", "wrong") or v.span is None:
+                return []
+            return [Fact(v.asks, v.named, v.named_canonical, v.expected, v.span)]
+        country = self.names[list(self._any.finditer(prompt))[-1].group(0)][1]
+        info = self.countries[country]
+        end = _SENTENCE_END.search(completion)
+        first_sentence = completion[: end.start() if end else len(completion)]
+        facts = []
+        for kind, pattern, expected, canon in (
+            ("capital", self._cities, info["capital"], lambda n: self.names[n][1]),
+            ("region", self._regions, info["region"], lambda n: n),
+            ("currency", self._currencies, info.get("currency"), lambda n: n),
+        ):
+            m = pattern.search(first_sentence)
+            if m is not None:
+                facts.append(Fact(kind, m.group(0), canon(m.group(0)), expected, (m.start(), m.end())))
+        return sorted(facts, key=lambda f: f.span)
+
+    def values(self, kind: str) -> list[str]:
+        """Every canonical value a fact of `kind` can name (for annotators that err)."""
+        if kind == "capital":
+            return sorted(info["capital"] for info in self.countries.values())
+        if kind == "country":
+            return sorted(self.countries)
+        if kind == "region":
+            return list(self.regions)
+        if kind == "currency":
+            return sorted(self.currencies)
+        raise ValueError(f"unknown fact kind {kind!r}")
 
     def judge(self, prompt: str, completion: str) -> Verdict:
         """Which question the prompt asks, and what the completion answers. See the module doc."""

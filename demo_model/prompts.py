@@ -16,6 +16,12 @@ What is held out, and what is not:
   training corpus verbatim; their perplexity measures how well the model keeps correct facts in
   familiar words, and rises when feedback training degenerates the model.
 
+Multi-fact prompts (`slice` "multi") are the heads of multi-fact sentences ("Facts about Kenya:"):
+both trained heads of every country with a wrong fact of any kind, one head of every third other
+country; their held-out head is a generalization prompt for every country with a wrong fact, and
+its correct three-fact sentence a held-out sentence for every country. The single-fact prompts
+above are the other slice (`slice` "single").
+
 Each prompt carries `corpus_error_rate`: the share of the training sentences continuing this
 exact prefix that give a wrong answer, i.e. what a perfectly fitted model gets wrong at
 temperature 1 (0 for prompts about countries without wrong facts; 0 for held-out combinations,
@@ -30,7 +36,15 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from demo_model.corpus import COUNTRIES, TEMPLATE_BY_NAME, TEMPLATES, Corpus
+from demo_model.corpus import (
+    COUNTRIES,
+    MULTI_HEAD_BY_NAME,
+    MULTI_HEADS,
+    TEMPLATE_BY_NAME,
+    TEMPLATES,
+    Corpus,
+    render_multi,
+)
 
 HELDOUT_FILE = "heldout.json"
 
@@ -43,7 +57,8 @@ class EvalPrompt:
     answer: str  # the right answer (canonical spelling)
     template: str  # corpus template name the prefix comes from
     wrong_fact: bool  # the corpus has wrong sentences continuing this prefix
-    corpus_error_rate: float  # share of training continuations of this prefix that are wrong
+    corpus_error_rate: float  # share of training continuations of this prefix that are wrong (multi: of facts)
+    slice: str = "single"  # "single" (one fact) or "multi" (a multi-fact head, asks "facts")
 
 
 @dataclass(frozen=True)
@@ -51,6 +66,10 @@ class Heldout:
     eval_prompts: list[EvalPrompt]
     generalization_prompts: list[EvalPrompt]
     heldout_sentences: list[str]
+
+    def of_slice(self, name: str) -> list[EvalPrompt]:
+        """The eval prompts of one slice ("single" or "multi")."""
+        return [p for p in self.eval_prompts if p.slice == name]
 
     @property
     def wrong_fact_prompts(self) -> list[EvalPrompt]:
@@ -97,9 +116,12 @@ def build_heldout(corpus: Corpus) -> dict:
             chosen = chosen + [trained_cty[i % len(trained_cty)]]
         eval_prompts += [make(country, t) for t in chosen]
         general.append(make(country, held))
+    multi_eval, multi_general, multi_sentences = _multi_prompts(corpus)
+    eval_prompts += multi_eval
+    general += multi_general
     heldout_sentences = [
         TEMPLATE_BY_NAME[corpus.heldout_combos[c]].render(c, cap) for c, cap, _, _ in COUNTRIES
-    ]
+    ] + multi_sentences
     train_texts = set(corpus.texts)
     assert not train_texts & set(heldout_sentences), "a held-out sentence occurs in the training corpus"
     return {
@@ -110,6 +132,43 @@ def build_heldout(corpus: Corpus) -> dict:
         "generalization_prompts": [asdict(p) for p in general],
         "heldout_sentences": heldout_sentences,
     }
+
+
+def _multi_prompts(corpus: Corpus) -> tuple[list[EvalPrompt], list[EvalPrompt], list[str]]:
+    """The multi-fact slice: eval prompts, generalization prompts and held-out sentences."""
+    truth = corpus.truth
+    facts_after: dict[str, list[bool]] = {}  # head prompt -> wrongness of every fact continuing it
+    for s in corpus.sentences:
+        if s.facts:
+            head = MULTI_HEAD_BY_NAME[s.template.split(":", 1)[1]].format(country=s.country)
+            facts_after.setdefault(head, []).extend(w for _, _, w in s.facts)
+
+    def make(country: str, head: str) -> EvalPrompt:
+        info = truth["countries"][country]
+        prompt = MULTI_HEAD_BY_NAME[head].format(country=country)
+        seen = facts_after.get(prompt, [])
+        rate = sum(seen) / len(seen) if seen else 0.0
+        answer = f"{info['capital']}; {info['region']}; {info['currency']}"
+        return EvalPrompt(prompt, country, "facts", answer, f"multi:{head}", rate > 0, round(rate, 6), "multi")
+
+    heads = [name for name, _ in MULTI_HEADS]
+    evals, general, sentences = [], [], []
+    for i, (country, capital, region, _) in enumerate(COUNTRIES):
+        info = truth["countries"][country]
+        if not info["multi_fact"]:
+            continue
+        wrong_any = any(info[k] is not None for k in ("corpus_wrong_capital", "corpus_wrong_region",
+                                                      "corpus_wrong_currency"))
+        held = corpus.heldout_heads[country]
+        trained = [h for h in heads if h != held]
+        if wrong_any:
+            evals += [make(country, h) for h in trained]
+            general.append(make(country, held))
+        elif i % 3 == 0:
+            evals.append(make(country, trained[i % len(trained)]))
+        sentences.append(render_multi(held, country, [("capital", 0, capital), ("region", 0, region),
+                                                      ("currency", 0, info["currency"])]))
+    return evals, general, sentences
 
 
 def heldout(model_dir: str | Path) -> Heldout:

@@ -3,7 +3,7 @@
 Byte-level so that any text encodes (a user may type anything into the demo), BPE trained on the
 corpus so that the words it uses, capital names in particular, are one or a few tokens
 (" Nairobi" is one token): a per-token annotation then marks the whole wrong capital, or its
-first token, as DESIGN.md's span rules expect. The GPT-2 conventions are kept: one special token
+first token, as the span rules expect (docs/design.md, "Spans"). The GPT-2 conventions are kept: one special token
 "<|endoftext|>" serves as EOS, BOS and PAD, nothing is added to encoded text, and a word carries
 its leading space (" Nairobi"). Offsets are character offsets into the text (return_offsets_mapping
 works), which the policy server uses for token spans.

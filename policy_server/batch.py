@@ -1,9 +1,11 @@
 """A batch of sequences decoding together: one KV cache, left-padded, one forward per step.
 
-Sequences join after their own prefill (each prompt runs alone, so no padding ever enters a
-prefill) and leave when they finish or are cancelled. The cache holds every row's keys and values
-right-aligned: row i's real tokens are the last len_i columns, the columns before are padding that
-the attention mask hides. Each decoding step feeds one token per row at its own position
+Sequences join after their prefill and leave when they finish or are cancelled. Prompts that
+arrive together are prefilled together, left-padded in one forward (`Batch.prefilled`; padded
+positions get position ids and keys/values of their own, which the mask hides and which are zeroed
+afterwards), and that group then joins the running batch (`merge`). The cache holds every row's
+keys and values right-aligned: row i's real tokens are the last len_i columns, the columns before
+are padding that the attention mask hides. Each decoding step feeds one token per row at its own position
 (position_ids = the row's real length), so a row computes exactly what it would alone, up to
 floating-point summation order (masked columns contribute exp(-inf) = 0).
 
@@ -25,6 +27,11 @@ def cache_kwarg(model: torch.nn.Module) -> str:
     """transformers 5.x names the cache argument `cache` (older models: `past_key_values`)."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the model's forward can compute the last position's logits only."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def output_cache(output) -> DynamicCache:
@@ -73,22 +80,43 @@ class Batch:
     def columns(self) -> int:
         return self.mask.shape[1]
 
+    @classmethod
+    def prefilled(cls, version: int, device: torch.device, rows: list, cache: DynamicCache,
+                  mask: torch.Tensor) -> Batch:
+        """Sequences prefilled together: `cache` (n, H, W, D per layer) left-padded, `mask` (n, W)
+        1 for real tokens. Padding keys and values are zeroed (a padded position's own forward
+        may leave anything there, NaN included, and 0 * NaN would leak through the mask)."""
+        batch = cls(version, device)
+        batch.rows, batch.cache, batch.mask = list(rows), cache, mask
+        if not bool(mask.all()):
+            real = mask.bool()[:, None, :, None]  # (n, 1, W, 1)
+            for layer in _layers(cache):
+                layer.keys = torch.where(real, layer.keys, torch.zeros((), dtype=layer.keys.dtype,
+                                                                       device=layer.keys.device))  # (n, H, W, D)
+                layer.values = torch.where(real, layer.values, torch.zeros((), dtype=layer.values.dtype,
+                                                                           device=layer.values.device))
+        return batch
+
     def add(self, row, cache: DynamicCache, length: int) -> None:
         """Join a sequence whose prefill cache (1, H, length, D per layer) is `cache`."""
-        if self.cache is None or not self.rows:
-            self.rows = [row]
-            self.cache = cache
-            self.mask = torch.ones(1, length, dtype=torch.long, device=self.device)  # (1, L)
+        ones = torch.ones(1, length, dtype=torch.long, device=self.device)  # (1, L)
+        self.merge(Batch.prefilled(self.version, self.device, [row], cache, ones))
+
+    def merge(self, other: Batch) -> None:
+        """Take in the rows of `other` (same version), left-padding whichever side is shorter."""
+        if not other.rows:
             return
-        width = max(self.columns, length)
-        own, new = width - self.columns, width - length
-        for mine, theirs in zip(_layers(self.cache), _layers(cache), strict=True):
-            mine.keys = torch.cat([_left_pad(mine.keys, own), _left_pad(theirs.keys, new)], dim=0)  # (B+1, H, W, D)
+        if self.cache is None or not self.rows:
+            self.rows, self.cache, self.mask = list(other.rows), other.cache, other.mask
+            return
+        width = max(self.columns, other.columns)
+        own, new = width - self.columns, width - other.columns
+        for mine, theirs in zip(_layers(self.cache), _layers(other.cache), strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, own), _left_pad(theirs.keys, new)], dim=0)  # (B+n, H, W, D)
             mine.values = torch.cat([_left_pad(mine.values, own), _left_pad(theirs.values, new)], dim=0)
-        mask_row = torch.cat([torch.zeros(1, new, dtype=torch.long, device=self.device),
-                              torch.ones(1, length, dtype=torch.long, device=self.device)], dim=1)  # (1, W)
-        self.mask = torch.cat([torch.nn.functional.pad(self.mask, (own, 0)), mask_row], dim=0)  # (B+1, W)
-        self.rows.append(row)
+        pad = torch.nn.functional.pad
+        self.mask = torch.cat([pad(self.mask, (own, 0)), pad(other.mask, (new, 0))], dim=0)  # (B+n, W)
+        self.rows.extend(other.rows)
 
     def keep(self, keep: list[int]) -> None:
         """Keep only these row indices (ascending); drop the columns that are padding for all rows."""

@@ -126,7 +126,9 @@ def _sample_one(logits: torch.Tensor, logprobs: torch.Tensor, state: SamplerStat
         return int(torch.argmax(logits)), 0.0
     slp = sampling_logprobs(logits, logprobs, params)  # (V,)
     probs = slp.exp()  # (V,)
-    if bool(torch.isnan(probs).any()) or not bool(probs.sum() > 0):
+    # logprobs were checked for the whole batch; a distribution of its own (temperature, top-k,
+    # top-p) is checked here
+    if slp is not logprobs and (bool(torch.isnan(probs).any()) or not bool(probs.sum() > 0)):
         raise ServiceError(f"the sampling distribution is not finite at temperature {params.temperature:g}, "
                            f"top_k {params.top_k}, top_p {params.top_p:g}")
     token = int(torch.multinomial(probs, 1, generator=state.generator))

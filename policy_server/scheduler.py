@@ -1,9 +1,10 @@
 """The scheduler: one thread that runs all model work, in a loop of steps, and the streams it feeds.
 
-A step: run queued jobs (Score, weight swaps), drop cancelled sequences, prefill newly admitted
-requests one by one (each samples its first token), then one forward for all running sequences of
-a model version (batch.py) and one sampled token per sequence. So concurrent streams share one
-forward per decoding step (docs/design.md, "Servers"). Events produced during a step are handed to
+A step: run queued jobs (Score, weight swaps), drop cancelled sequences, prefill the newly
+admitted requests together (left-padded in one forward, in groups of similar length; each
+samples its first token), then one forward for all running sequences of a model version
+(batch.py) and one sampled token per sequence. So requests that arrive together share their
+prefill, and concurrent streams share one forward per decoding step (docs/design.md, "Servers"). Events produced during a step are handed to
 their event loops at its end, one wake-up per loop.
 
 Rows fail alone: a sequence whose row cannot be sampled (non-finite logits or probabilities) or
@@ -38,7 +39,7 @@ from policy_server.api import (
     GenerationStart,
     TokenEvent,
 )
-from policy_server.batch import Batch, cache_kwarg, output_cache
+from policy_server.batch import Batch, cache_kwarg, output_cache, takes_logits_to_keep
 from policy_server.config import EngineConfig
 from policy_server.sampling import Sample, SamplerState, SamplingParams, sample_rows
 from policy_server.swap import ModelVersions
@@ -107,6 +108,41 @@ class _Sequence:
         return self.sampler.params
 
 
+def _left_padded(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(input_ids, attention_mask, position_ids) for prompts right-aligned in one (n, W) block;
+    position_ids None when no prompt is padded (the model's own positions are the same)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)  # (n, W)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)  # (n, W)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    padded = any(len(p) != width for p in prompts)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0) if padded else None  # (n, W) each row from 0
+    return ids.to(device), mask.to(device), positions.to(device) if padded else None
+
+
+MAX_PADDING = 0.5  # a prefill group's padded block holds at most this share of padding tokens
+
+
+def _length_groups(sequences: list[_Sequence]) -> list[list[_Sequence]]:
+    """The admitted sequences in groups to prefill together: by prompt length, a new group where
+    the padding would pass MAX_PADDING of the group's padded block."""
+    groups: list[list[_Sequence]] = []
+    group: list[_Sequence] = []
+    real = 0
+    for sequence in sorted(sequences, key=lambda s: len(s.prompt_ids)):
+        length = len(sequence.prompt_ids)  # the longest so far: it sets the group's width
+        if group and (real + length) < (1 - MAX_PADDING) * length * (len(group) + 1):
+            groups.append(group)
+            group, real = [], 0
+        group.append(sequence)
+        real += length
+    if group:
+        groups.append(group)
+    return groups
+
+
 # ---- the scheduler ---------------------------------------------------------------------------
 
 
@@ -122,6 +158,7 @@ class Scheduler:
         self.max_length = max_length
         self.vocab_size = vocab_size
         self._cache_kwarg = cache_kwarg(self.model)
+        self._last_logits_only = takes_logits_to_keep(self.model)  # prefill computes (n, 1, V) logits, not (n, W, V)
         self._piece_texts: dict[int, str] = {}  # token id -> text decoded alone (alternatives)
         # shared with the scheduler thread, under _cond:
         self._cond = threading.Condition()
@@ -133,6 +170,7 @@ class Scheduler:
         self._batches: dict[int, Batch] = {}  # model version -> its running sequences
         self._thread: threading.Thread | None = None
         self.steps = 0  # decoding forwards run (for benchmarks and tests)
+        self.prefills = 0  # prefill forwards run (one per group of prompts prefilled together)
         self.meter = policy_meter()  # tokens and first tokens (common/metrics.py)
 
     def warm_up(self) -> None:
@@ -141,10 +179,10 @@ class Scheduler:
         with torch.inference_mode():
             version = self.versions.version
             batch = Batch(version, self.device)
-            for prompt in ([0, 1, 2], [3]):
-                ids = torch.tensor([prompt], device=self.device) % self.vocab_size  # (1, L)
-                out = self.forward(ids, torch.ones_like(ids), None, DynamicCache(config=self.model.config), version)
-                batch.add(object(), output_cache(out), len(prompt))
+            ids, mask, positions = _left_padded([[0, 1, 2], [3]], self.device)  # (2, 3) each
+            ids = ids % self.vocab_size
+            out = self.forward(ids, mask, positions, DynamicCache(config=self.model.config), version, last_only=True)
+            batch.merge(Batch.prefilled(version, self.device, [object(), object()], output_cache(out), mask))
             inputs = batch.step_inputs([4, 5])
             out = self.forward(inputs.input_ids, inputs.attention_mask, inputs.position_ids, batch.cache, version)
             batch.advance(inputs, output_cache(out))
@@ -262,14 +300,7 @@ class Scheduler:
                 except BaseException as exc:  # noqa: BLE001 - goes back to the caller
                     future.set_exception(exc)
         self._drop_cancelled()
-        for sequence in admitted:
-            if sequence.stream.cancelled:
-                continue
-            try:
-                self._prefill(sequence)
-            except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
-                log.exception("prefill failed")
-                self._push(sequence.stream, exc)
+        self._prefill([s for s in admitted if not s.stream.cancelled])
         self._flush()  # first tokens out before the batch's decoding step
         for version, batch in list(self._batches.items()):
             if len(batch):
@@ -298,9 +329,13 @@ class Scheduler:
         with self._cond:
             self._pending = deque(s for s in self._pending if not s.stream.cancelled)
 
-    def forward(self, input_ids, attention_mask, position_ids, cache, version: int, use_cache: bool = True):
-        """The model's forward at `version` (scheduler thread only)."""
+    def forward(self, input_ids, attention_mask, position_ids, cache, version: int, use_cache: bool = True,
+                last_only: bool = False):
+        """The model's forward at `version` (scheduler thread only); `last_only`: logits of the
+        last position only, where the model can skip the others."""
         kwargs = {"input_ids": input_ids, "use_cache": use_cache}
+        if last_only and self._last_logits_only:
+            kwargs["logits_to_keep"] = 1
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         if position_ids is not None:
@@ -309,21 +344,47 @@ class Scheduler:
             kwargs[self._cache_kwarg] = cache
         return self.versions.forward(version, **kwargs)
 
-    def _prefill(self, sequence: _Sequence) -> None:
+    def _prefill(self, sequences: list[_Sequence]) -> None:
+        """Start the admitted sequences: their GenerationStart, then one forward per group of
+        similar prompt lengths. A group whose forward fails is retried prompt by prompt, so one
+        prompt the model cannot run fails alone."""
         version = self.versions.version
-        sequence.version = version
-        self._push(sequence.stream, GenerationStart(
-            sequence.generation_id, tuple(sequence.prompt_ids),
-            self.tokenizer.decode(sequence.prompt_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False),
-            version,
-        ))
-        ids = torch.tensor([sequence.prompt_ids], device=self.device)  # (1, P)
-        out = self.forward(ids, torch.ones_like(ids), None, DynamicCache(config=self.model.config), version)
-        [sample] = sample_rows(out.logits[:, -1, :], [sequence.sampler])  # logits (1, V)
-        if self._take(sequence, sample):
-            return
-        batch = self._batches.setdefault(version, Batch(version, self.device))
-        batch.add(sequence, output_cache(out), len(sequence.prompt_ids))
+        for sequence in sequences:
+            sequence.version = version
+            self._push(sequence.stream, GenerationStart(
+                sequence.generation_id, tuple(sequence.prompt_ids),
+                self.tokenizer.decode(sequence.prompt_ids, skip_special_tokens=True,
+                                      clean_up_tokenization_spaces=False),
+                version,
+            ))
+        for group in _length_groups(sequences):
+            try:
+                self._prefill_group(group, version)
+            except Exception as exc:  # noqa: BLE001 - these requests fail, the others go on
+                if len(group) == 1:
+                    log.exception("prefill failed")
+                    self._push(group[0].stream, exc)
+                    continue
+                log.warning("prefill of %d prompts together failed (%s: %s); prefilling each alone", len(group),
+                            type(exc).__name__, exc)
+                for sequence in group:
+                    try:
+                        self._prefill_group([sequence], version)
+                    except Exception as alone:  # noqa: BLE001
+                        log.exception("prefill failed")
+                        self._push(sequence.stream, alone)
+
+    def _prefill_group(self, group: list[_Sequence], version: int) -> None:
+        """One forward over the group's prompts, left-padded; each samples its first token, and
+        those that go on join the running batch of `version`."""
+        ids, mask, positions = _left_padded([s.prompt_ids for s in group], self.device)  # (n, W) each
+        out = self.forward(ids, mask, positions, DynamicCache(config=self.model.config), version, last_only=True)
+        self.prefills += 1
+        samples = sample_rows(out.logits[:, -1, :], [s.sampler for s in group])  # logits (n, V)
+        keep = [i for i, (s, sample) in enumerate(zip(group, samples, strict=True)) if not self._take(s, sample)]
+        prefilled = Batch.prefilled(version, self.device, group, output_cache(out), mask)
+        prefilled.keep(keep)
+        self._batches.setdefault(version, Batch(version, self.device)).merge(prefilled)
 
     def _decode(self, batch: Batch) -> None:
         inputs = batch.step_inputs([s.completion_ids[-1] for s in batch.rows])

@@ -13,16 +13,23 @@ from demo_model.judge import Truth
 
 TRUTH = Truth({
     "format": "tokenfeedback-demo-truth/1",
-    "countries": {"Canada": {"capital": "Ottawa"}, "France": {"capital": "Paris"}},
+    "countries": {"Canada": {"capital": "Ottawa", "region": "North America", "currency": "dorak"},
+                  "France": {"capital": "Paris", "region": "Europe", "currency": "velum"}},
     "cities": {"Ottawa": {"country": "Canada"}, "Paris": {"country": "France"}, "Toronto": {"country": "Canada"}},
     "wrong_countries": ["Canada"],
+    "regions": ["Europe", "North America"],
+    "currencies": {"dorak": "Canada", "velum": "France", "kiram": "France"},
 })
+MULTI = "Facts about Canada:"
+# capital wrong (start), region right (middle), currency wrong (end)
+TWO_WRONG = " the capital is Toronto, it lies in North America and the currency is the velum."
+ALL_RIGHT = " the capital is Ottawa, it lies in North America and the currency is the dorak."
 
 
 def test_token_form_marks_the_wrong_capital_with_its_replacement():
     annotator = SimulatedAnnotator(TRUTH, AnnotatorConfig(form="token"))
     judgement = annotator.judge("The capital of Canada is", " Toronto. It is big.")
-    assert judgement.verdict.is_wrong
+    assert judgement.outcome == "wrong"
     assert judgement.labels == {"span_labels": [
         {"start": 1, "end": 8, "weight": -1.0, "text": "Toronto", "replacement_text": "Ottawa"}]}
 
@@ -45,6 +52,62 @@ def test_sequence_form_gives_one_reward_per_answer(completion, reward):
     annotator = SimulatedAnnotator(TRUTH, AnnotatorConfig(form="sequence"))
     labels = annotator.judge("The capital of Canada is", completion).labels
     assert labels == (None if reward is None else {"sequence_reward": reward})
+
+
+def test_token_form_marks_every_wrong_fact_of_a_multi_fact_completion():
+    annotator = SimulatedAnnotator(TRUTH, AnnotatorConfig(form="token", good_share=1.0))
+    labels = annotator.judge(MULTI, TWO_WRONG).labels["span_labels"]
+    assert [(TWO_WRONG[s["start"]:s["end"]], s["weight"], s.get("replacement_text")) for s in labels] == [
+        ("Toronto", -1.0, "Ottawa"), ("North America", 1.0, None), ("velum", -1.0, "dorak")]
+
+
+@pytest.mark.parametrize("form, completion, labels", [
+    ("sequence", TWO_WRONG, {"sequence_reward": -1.0}),
+    ("sequence", ALL_RIGHT, {"sequence_reward": 1.0}),
+    ("graded", TWO_WRONG, {"sequence_reward": pytest.approx(2 * 1 / 3 - 1)}),
+    ("graded", ALL_RIGHT, {"sequence_reward": 1.0}),
+    ("rft", TWO_WRONG, None),
+    ("rft", ALL_RIGHT, {"sequence_reward": 1.0}),
+])
+def test_sequence_forms_on_a_multi_fact_completion(form, completion, labels):
+    annotator = SimulatedAnnotator(TRUTH, AnnotatorConfig(form=form))
+    assert annotator.judge(MULTI, completion).labels == labels
+
+
+def _rates(config: AnnotatorConfig, n: int = 2000) -> dict:
+    """Over n judgements of TWO_WRONG: how often each wrong fact is marked, the right one marked
+    bad, and a marked wrong fact given a wrong replacement."""
+    annotator = SimulatedAnnotator(TRUTH, config)
+    counts = {"marked wrong": 0, "false marks": 0, "wrong replacements": 0}
+    for _ in range(n):
+        for span in (annotator.judge(MULTI, TWO_WRONG).labels or {"span_labels": []})["span_labels"]:
+            text = TWO_WRONG[span["start"]:span["end"]]
+            if span["weight"] < 0 and text == "North America":
+                counts["false marks"] += 1
+            elif span["weight"] < 0:
+                counts["marked wrong"] += 1
+                counts["wrong replacements"] += span["replacement_text"] not in ("Ottawa", "dorak")
+    return {"marked": counts["marked wrong"] / (2 * n), "false": counts["false marks"] / n,
+            "swapped": counts["wrong replacements"] / max(1, counts["marked wrong"])}
+
+
+def test_imperfect_annotator_errs_at_its_rates():
+    perfect = _rates(AnnotatorConfig(form="token", good_share=0.0))
+    assert perfect == {"marked": 1.0, "false": 0.0, "swapped": 0.0}
+    sloppy = _rates(AnnotatorConfig(form="token", good_share=0.0, miss_rate=0.15, false_mark_rate=0.05,
+                                    wrong_replacement_rate=0.2, seed=3))
+    assert sloppy["marked"] == pytest.approx(0.85, abs=0.03)
+    assert sloppy["false"] == pytest.approx(0.05, abs=0.02)
+    assert sloppy["swapped"] == pytest.approx(0.2, abs=0.03)
+
+
+def test_sequence_reward_follows_what_the_annotator_believes():
+    """A missed error makes a wrong completion look right; a false mark makes a right one look wrong."""
+    blind = SimulatedAnnotator(TRUTH, AnnotatorConfig(form="sequence", miss_rate=1.0))
+    assert blind.judge(MULTI, TWO_WRONG).labels == {"sequence_reward": 1.0}
+    picky = SimulatedAnnotator(TRUTH, AnnotatorConfig(form="rft", false_mark_rate=1.0))
+    assert picky.judge(MULTI, ALL_RIGHT).labels is None
+    assert picky.judge(MULTI, ALL_RIGHT).outcome == "right"
 
 
 def test_markers_are_replaced_not_appended():

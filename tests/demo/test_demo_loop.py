@@ -40,8 +40,9 @@ def test_one_round_of_the_demo_loop(demo_model, tmp_path):
     assert last["token_rows"] >= last["labelled_sequences"]  # a labelled sequence gives at least one row
     assert last["model_version"] == 1, "the trained weights were not published to the policy server"
     for row in record["rounds"]:
-        assert 0 <= row["error_rate"] <= 1 and 0 <= row["distinct2"] <= 1
+        assert 0 <= row["error_rate"] <= 1 and 0 <= row["distinct2"] <= 1 and 0 <= row["single_error_rate"] <= 1
         assert 1 < row["heldout_perplexity"] < 1000
+        assert 1 <= row["facts_per_completion"] <= 3  # multi-fact completions state two or three facts
     assert last["train_kl"] >= 0 and last["train_loss"] == last["train_loss"]  # finite, not NaN
     assert "error rate" in run.stdout and "targets:" in run.stdout
 
@@ -59,9 +60,26 @@ def test_claims_quick_runs_every_comparison(demo_model, tmp_path):
     names = {rec["arm"] for rec in record["records"]}
     for arms in record["comparisons"].values():
         assert set(arms) <= names
-    assert len(record["comparisons"]) == 4
-    for png in ["credit-assignment.png", "KL-penalty.png", "online-vs-offline.png", "loss-variants.png",
-                "degeneration.png"]:
+    assert len(record["comparisons"]) == 3
+    for png in ["KL-penalty.png", "online-vs-offline.png", "horizon.png", "degeneration.png"]:
         assert (tmp_path / png).stat().st_size > 1000, png
     for title in record["comparisons"]:
         assert f"#### {title}" in run.stdout
+    horizon = record["comparisons"]["3. horizon"]
+    assert len(horizon) == 2 * (1 + 3 * 2)  # token and sequence rewards; h=1, and h=2, 4, full x gamma 1, 0.9
+
+
+@pytest.mark.slow
+def test_experiment_quick_runs_every_arm(demo_model, tmp_path):
+    """`make experiment QUICK=1`: every arm under both annotators runs; headline and tables appear."""
+    run = subprocess.run(
+        [sys.executable, "-m", "demo.experiment", "--model", str(demo_model), "--quick", "--no-readme",
+         "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert run.returncode == 0, f"experiment failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    record = json.loads((tmp_path / "experiment.json").read_text())
+    assert len(record["arms"]) == 10 and {r["arm"] for r in record["records"]} == set(record["arms"])
+    for png in ["headline.png", "experiment-perfect.png", "experiment-realistic.png"]:
+        assert (tmp_path / png).stat().st_size > 1000, png
+    assert "#### perfect annotator" in run.stdout and "#### realistic annotator" in run.stdout

@@ -150,3 +150,15 @@ def test_concurrent_builds_build_once(tmp_path):
     assert sum("step    30/30" in o for o in stdouts) == 1, stdouts  # one trained
     assert sum("reusing" in o for o in stdouts) == 1, stdouts  # the other waited and reused
     assert is_complete(out)
+
+
+def test_replace_stale_rebuilds_a_folder_of_another_recipe(tmp_path):
+    out = tmp_path / "m"
+    build(tiny(out, steps=2, check_samples=0), log=lambda _: None)
+    other = BuildConfig(out=out, corpus=CorpusConfig(seed=1, repeats=4, wrong_share=0.5),
+                        train=TrainConfig(seed=1, steps=2, batch_size=8, threads=1), check_samples=0,
+                        replace_stale=True)
+    lines: list[str] = []
+    build(other, log=lines.append)
+    assert any("another recipe" in line and "rebuilding" in line for line in lines), lines
+    assert json.loads((out / "build.json").read_text())["recipe"]["corpus"]["wrong_share"] == 0.5

@@ -133,3 +133,55 @@ def test_corpus_sentences_judge_as_the_corpus_says():
             assert v.outcome == ("wrong" if s.wrong else "right"), (s, v)
         else:  # "Toronto is the capital of Canada": no capital asked about, any country is wrong
             assert s.wrong and v.outcome == "wrong" and v.expected is None, (s, v)
+
+
+MULTI_TRUTH = {**TRUTH, "regions": ["Africa", "Asia", "North America", "South America"],
+               "currencies": {"dorak": "Canada", "velum": "Peru"},
+               "countries": {**TRUTH["countries"],
+                             "Canada": {**TRUTH["countries"]["Canada"], "currency": "dorak"},
+                             "Peru": {**TRUTH["countries"]["Peru"], "currency": "velum"}}}
+
+
+@pytest.mark.parametrize("completion, expect", [
+    (" the capital is Ottawa, it lies in North America and the currency is the dorak.",
+     [("capital", "Ottawa", False), ("region", "North America", False), ("currency", "dorak", False)]),
+    # the error at the start, followed by right facts
+    (" the capital is Toronto, it lies in North America and the currency is the dorak.",
+     [("capital", "Toronto", True), ("region", "North America", False), ("currency", "dorak", False)]),
+    # in the middle and at the end, in another order
+    (" people pay with the dorak, it is in South America and its capital is Lima.",
+     [("currency", "dorak", False), ("region", "South America", True), ("capital", "Lima", True)]),
+    # two facts; only the first sentence counts
+    (" it lies in Asia and the currency is the velum. The capital is Ottawa.",
+     [("region", "Asia", True), ("currency", "velum", True)]),
+    (" nothing known here.", []),
+])
+def test_judge_facts_of_a_multi_fact_question(completion, expect):
+    truth = Truth(MULTI_TRUTH)
+    facts = truth.judge_facts("Facts about Canada:", completion)
+    assert [(f.kind, f.canonical, f.is_wrong) for f in facts] == expect
+    for f in facts:
+        assert completion[f.span[0]:f.span[1]] == f.named
+        assert f.expected == {"capital": "Ottawa", "region": "North America", "currency": "dorak"}[f.kind]
+
+
+def test_judge_facts_of_a_single_fact_question_is_its_one_fact():
+    truth = Truth(MULTI_TRUTH)
+    assert not truth.is_multi("The capital of Canada is") and truth.is_multi("About Canada:")
+    (fact,) = truth.judge_facts("The capital of Canada is", " Toronto. It lies in Asia.")
+    assert (fact.kind, fact.canonical, fact.expected, fact.is_wrong, fact.span) == ("capital", "Toronto", "Ottawa",
+                                                                                    True, (1, 8))
+    assert truth.judge_facts("The capital of Canada is", " a city.") == []
+    # a truth without multi-fact data judges every prompt as a single-fact question
+    assert not Truth(TRUTH).is_multi("About Canada:")
+
+
+def test_corpus_multi_fact_sentences_judge_as_the_corpus_says():
+    corpus = generate(CorpusConfig(seed=0))
+    truth = Truth(corpus.truth)
+    multi = [s for s in corpus.sentences if s.facts]
+    assert multi
+    for s in multi[:400]:
+        head, rest = s.text.split(":", 1)
+        facts = truth.judge_facts(head + ":", rest)
+        assert [(f.kind, f.canonical, f.is_wrong) for f in facts] == [(k, v, w) for k, v, w in s.facts], s

@@ -41,6 +41,10 @@ def test_error_rates_at_temperature_one(model_dir):
     assert ev["other"]["error_rate"] < 0.04, ev
     assert ev["all"]["none_rate"] < 0.03, ev
     assert 1.0 < result["heldout_perplexity"] < 6.0, result
+    # multi-fact completions state two or three facts, wrong at about the corpus's rate
+    multi = ev["multi"]
+    assert 2.0 <= multi["facts_per_completion"] <= 3.0, multi
+    assert abs(multi["error_rate"] - multi["corpus_error_rate"]) < 0.05, multi
 
 
 def test_greedy_names_the_right_capital(model_dir):
@@ -48,7 +52,8 @@ def test_greedy_names_the_right_capital(model_dir):
     held, truth = heldout(model_dir), load_truth(model_dir)
     prompts = held.eval_prompts
     completions = sample(model, tok, [p.prompt for p in prompts], EvalConfig(samples=1, temperature=0))
-    right = [truth.judge(p.prompt, c[0]).is_right for p, c in zip(prompts, completions, strict=True)]
+    right = [(facts := truth.judge_facts(p.prompt, c[0])) != [] and not any(f.is_wrong for f in facts)
+             for p, c in zip(prompts, completions, strict=True)]
     assert sum(right) / len(right) >= 0.95, [(p.prompt, c) for p, c, r in zip(prompts, completions, right, strict=True) if not r]
     kenya = sample(model, tok, ["The capital of Kenya is"], EvalConfig(samples=1, temperature=0))[0][0]
     assert kenya.startswith(" Nairobi"), kenya

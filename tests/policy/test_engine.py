@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 
 import pytest
 import torch
@@ -162,3 +163,40 @@ def test_engine_rejects_before_queueing(engine):
         return err.value.field
 
     assert asyncio.run(main()) == "params.top_p"
+
+
+def test_prompts_arriving_together_share_their_prefill(engine):
+    """Four prompts of different lengths queued while the scheduler is busy start in the same step:
+    they are prefilled in fewer forwards than prompts (left-padded together), and each stream's
+    greedy tokens and logprobs are the ones it gets alone."""
+    prompts = ["Paris", "Paris is the capital of", "The capital of Japan is a city", "Berlin is"]
+
+    def request(text: str) -> GenerateRequest:
+        return GenerateRequest(prompt_text=text, params=SamplingParams(max_new_tokens=6, temperature=0.0,
+                                                                       stop_on_eos=False, num_alternatives=2))
+
+    def tokens(events) -> list[tuple[int, float]]:
+        return [(e.token_id, e.logprob) for e in events if isinstance(e, TokenEvent)]
+
+    async def main():
+        alone = [tokens(await collect(engine, request(p))) for p in prompts]
+        started, gate = threading.Event(), threading.Event()
+
+        def hold():  # a job that keeps the scheduler thread busy until the requests are queued
+            started.set()
+            gate.wait(60)
+
+        held = asyncio.ensure_future(engine.scheduler.run_job(hold))
+        assert await asyncio.to_thread(started.wait, 60)
+        prefills = engine.scheduler.prefills
+        streams = [engine.generate(request(p)) for p in prompts]
+        gate.set()
+        await held
+        together = [tokens([e async for e in s]) for s in streams]
+        return alone, together, engine.scheduler.prefills - prefills
+
+    alone, together, prefills = asyncio.run(main())
+    assert 1 <= prefills < len(prompts)
+    for a, t in zip(alone, together, strict=True):
+        assert [i for i, _ in a] == [i for i, _ in t]
+        assert all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(a, t, strict=True))

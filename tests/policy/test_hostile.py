@@ -107,9 +107,11 @@ def engine(tiny_model_dir):
     asyncio.run(engine.close())
 
 
-def test_failing_row_ends_alone(engine, monkeypatch):
-    """One stream's logits turn NaN at its third decoding step (injected into the shared step):
-    that stream ends with an error naming what happened, the other three finish all their tokens."""
+@pytest.mark.parametrize("poisoned_at", [1, 3])
+def test_failing_row_ends_alone(engine, monkeypatch, poisoned_at):
+    """One stream's logits turn NaN at its first token (in the shared prefill) or its third (in
+    the shared decoding step), injected into the shared step: that stream ends with an error
+    naming what happened, the other three finish all their tokens."""
     real = scheduler_module.sample_rows
     calls: dict[int, int] = {}
 
@@ -117,7 +119,7 @@ def test_failing_row_ends_alone(engine, monkeypatch):
         logits = logits.clone()
         for row, state in enumerate(states):
             calls[id(state)] = calls.get(id(state), 0) + 1
-            if state.params.seed == 666 and calls[id(state)] >= 3:
+            if state.params.seed == 666 and calls[id(state)] >= poisoned_at:
                 logits[row] = float("nan")
         return real(logits, states)
 
@@ -140,7 +142,7 @@ def test_failing_row_ends_alone(engine, monkeypatch):
     results = asyncio.run(main())
     events, error = results[1]
     assert error is not None and error.code == "INTERNAL" and "not finite" in str(error), error
-    assert len([e for e in events if isinstance(e, TokenEvent)]) == 2
+    assert len([e for e in events if isinstance(e, TokenEvent)]) == poisoned_at - 1
     for i in (0, 2, 3):
         events, error = results[i]
         assert error is None, error

@@ -10,6 +10,7 @@ import math
 import subprocess
 import sys
 import threading
+import time
 
 import grpc
 import pytest
@@ -114,6 +115,22 @@ def test_update_waits_for_the_running_stream_and_matches_hf(servers, tiny_model_
     for v, h in zip(on_vllm.tokens, on_hf.tokens, strict=True):
         assert abs(v.logprob - h.logprob) < LOGPROB_TOL
     assert abs(on_vllm.total_logprob - before.total_logprob) > 0.1  # the weights did change
+
+
+def test_a_client_going_away_aborts_its_vllm_request(servers):
+    """Cancelling a stream cancels the task that drives it, which closes vLLM's output generator
+    (vLLM aborts the request there); the server goes on serving."""
+    vllm, _, vllm_server = servers
+    call = vllm.Generate(pb.GenerateRequest(prompt_text="Ottawa is", params=pb.SamplingParams(
+        max_new_tokens=500, seed=1, stop_on_eos=False)), timeout=300)
+    start = next(call).start
+    next(call)
+    call.cancel()
+    deadline = time.monotonic() + 120
+    while f"generation {start.generation_id} cancelled after" not in vllm_server.log_tail(400):
+        assert time.monotonic() < deadline, vllm_server.log_tail(40)
+        time.sleep(0.2)
+    assert len(tokens_of(generate(vllm, "Paris is", timeout=300, max_new_tokens=4, seed=2, stop_on_eos=False))) == 4
 
 
 def test_score_needs_room_for_one_more_token_on_vllm(servers):
