@@ -182,11 +182,13 @@ class WeightAccumulator:
         self._canonical = dict(canonical) if canonical is not None else aliases(reference)
         self._current_version = current_version
         self._max_total_bytes = max_total_bytes  # the receiver's --max-update-bytes; None: no limit
+        self._max_tensor_count = len(set(self._canonical.values()))  # a subclass may accept more names
         self._target_version: int | None = None
         self._tensor_count = 0
         self._total_bytes = 0
         self._buffers: dict[str, torch.Tensor] = {}  # canonical name -> uint8 buffer (nbytes,)
         self._filled: dict[str, int] = {}  # canonical name -> bytes received so far
+        self._specs: dict[str, torch.Tensor] = {}  # canonical name -> its expected dtype and shape
         self._open: str | None = None  # canonical name of the tensor being received
         self._received = 0
         self._digest = hashlib.sha256()
@@ -208,7 +210,7 @@ class WeightAccumulator:
                 f"must be greater than the current version {self._current_version}, got {target_version}",
                 "header.target_version",
             )
-        unique = len(set(self._canonical.values()))
+        unique = self._max_tensor_count
         if not 1 <= tensor_count <= unique:
             raise InvalidArgument(f"must be in [1, {unique}] (the model's tensors), got {tensor_count}",
                                   "header.tensor_count")
@@ -226,21 +228,18 @@ class WeightAccumulator:
             raise InvalidArgument("arrived before the header", "chunk")
         if self._committed:
             raise InvalidArgument("arrived after the commit", "chunk")
-        if name not in self._reference:
-            raise InvalidArgument(f"unknown tensor {quote(name)} (not in the model's state dict)", "chunk.name")
-        expected = self._reference[name]
+        shape = tuple(int(s) for s in shape)
+        expected, key = self._expected(name, shape)
         if parse_dtype(dtype, "chunk.dtype") != expected.dtype:
             raise InvalidArgument(
                 f"tensor {name!r} has dtype {dtype_name(expected.dtype)} in the model, got {dtype}", "chunk.dtype"
             )
-        shape = tuple(int(s) for s in shape)
         if shape != tuple(expected.shape):
             raise InvalidArgument(
                 f"tensor {name!r} has shape {list(expected.shape)} in the model, got {list(shape)}", "chunk.shape"
             )
         if len(data) > CHUNK_BYTES:
             raise InvalidArgument(f"{len(data)} bytes, at most {CHUNK_BYTES} per chunk", "chunk.data")
-        key = self._canonical[name]
         nbytes = tensor_nbytes(expected)
         if key != self._open:  # a new tensor starts: the previous one must be complete
             self._close_open()
@@ -251,6 +250,7 @@ class WeightAccumulator:
                     f"more tensors than header.tensor_count = {self._tensor_count} (at {name!r})", "chunk.name"
                 )
             self._buffers[key] = torch.empty(nbytes, dtype=torch.uint8)
+            self._specs[key] = expected
             self._filled[key] = 0
             self._open = key
         filled = self._filled[key]
@@ -295,7 +295,7 @@ class WeightAccumulator:
             raise InvalidArgument(f"checksum mismatch: got {quote(sha256)}, data hashes to {actual}", "commit.sha256")
         tensors = {}
         for key, buffer in self._buffers.items():
-            expected = self._reference[key]
+            expected = self._specs[key]
             tensor = buffer.view(expected.dtype).reshape(expected.shape)  # (shape of the model's tensor)
             if tensor.is_floating_point():
                 finite = torch.isfinite(tensor)
@@ -307,10 +307,18 @@ class WeightAccumulator:
         self._committed = True
         return tensors
 
+    def _expected(self, name: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, str]:
+        """(a tensor with the dtype and shape `name` must have, the name it is stored under);
+        InvalidArgument for a name the model does not have. `shape` is what the chunk says (a
+        subclass that accepts tensors of free shape, like LoRA factors, checks it here)."""
+        if name not in self._reference:
+            raise InvalidArgument(f"unknown tensor {quote(name)} (not in the model's state dict)", "chunk.name")
+        return self._reference[name], self._canonical[name]
+
     def _close_open(self) -> None:
         if self._open is None:
             return
-        nbytes = tensor_nbytes(self._reference[self._open])
+        nbytes = tensor_nbytes(self._specs[self._open])
         if self._filled[self._open] != nbytes:
             raise InvalidArgument(
                 f"tensor {self._open!r} incomplete: {self._filled[self._open]} of {nbytes} bytes before the next part",

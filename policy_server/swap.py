@@ -7,6 +7,10 @@ Streams already running keep their version: the old tensors of every changed nam
 `retired[version]` and their batch runs through torch.func.functional_call with them, until the
 last of those streams ends. New streams start on the new version. Memory: one extra copy of the
 changed tensors while old streams run (docs/design.md, "Versions and staleness").
+
+An update may also carry LoRA adapter factors instead of full tensors (common/adapters.py); they
+become merged weights (policy_server/adapters.py) before the same swap (docs/design.md, "Weights
+wire format").
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from collections.abc import Collection
 import torch
 from torch.func import functional_call
 
+from common.adapters import UpdateAccumulator
 from common.errors import Aborted
 from common.metrics import policy_meter
 from common.weights import WeightAccumulator, aliases, tensor_nbytes
+from policy_server.adapters import AdapterMerger
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +45,12 @@ class ModelVersions:
         # What an update is checked against: names, dtypes, shapes (meta tensors hold no memory).
         self._specs = {name: torch.empty(t.shape, dtype=t.dtype, device="meta") for name, t in state.items()}
         self._retired: dict[int, dict[str, torch.Tensor]] = {}  # old version -> its changed tensors
+        self._adapters = AdapterMerger()  # adapter updates -> merged weights
 
     def begin_update(self) -> WeightAccumulator:
-        """An accumulator for one update (header, chunks, commit), checked against the model."""
-        return WeightAccumulator(self._specs, self.version, self._canonical,
+        """An accumulator for one update (header, chunks, commit), checked against the model; it
+        takes full tensors or LoRA adapter factors (common/adapters.py)."""
+        return UpdateAccumulator(self._specs, self.version, self._canonical,
                                  max_total_bytes=self.max_update_bytes or None)
 
     def forward(self, version: int, **kwargs):
@@ -59,6 +67,7 @@ class ModelVersions:
         if target <= self.version:
             raise Aborted(f"the server moved to version {self.version} meanwhile; target {target} is stale",
                           "header.target_version")
+        tensors, adapter_base = self._adapters.resolve(tensors, self.model.state_dict())  # factors -> weights
         new = {name: t.to(self.device, non_blocking=True) for name, t in tensors.items()}
         current = self.model.state_dict(keep_vars=True)
         old = {name: current[name].detach() for name in new}  # keeps the old storage alive
@@ -74,6 +83,7 @@ class ModelVersions:
         log.info("weights: version %d -> %d (%d tensors, %d bytes); %d running stream(s) keep version %d",
                  self.version, target, len(new), sum(tensor_nbytes(t) for t in new.values()), running, self.version)
         self.version = target
+        self._adapters.applied(adapter_base)
         policy_meter().update.observe(time.perf_counter() - started)
         return target
 

@@ -1,7 +1,10 @@
 """Checkpoints: policy weights (safetensors), optimizer state, and where training stands.
 
 A checkpoint is a folder `checkpoints/ckpt-<step>` holding model.safetensors, optimizer.pt and
-meta.json (step, model version, beta, the replay cursor, and the file sizes and SHA-256s).
+meta.json (step, model version, beta, the replay cursor, the training mode, and the file sizes
+and SHA-256s). The weights are what `Prepared.checkpoint_state` gives (trainer_server/model.py):
+the whole policy, or under LoRA only the adapters, the base coming again from --model; under
+FSDP both files hold the gathered, unsharded state, written by rank 0.
 It is written atomically: everything goes into a temporary folder, each file is fsync'd, the
 folder is fsync'd, renamed to its final name, and the parent folder is fsync'd. A crash at any
 moment leaves either no new folder (only a `.tmp-*` one, removed at the next start) or a
@@ -26,13 +29,14 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.weights import aliases, unique_tensors
+from common.weights import unique_tensors
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,7 @@ class CheckpointMeta:
     model: str  # --model the policy was fine-tuned from
     created_at: float
     format: int = FORMAT
+    mode: str = "fp32"  # ModelMode.name, e.g. "bf16+lora8" (what the weights file holds depends on it)
 
 
 def _fsync_file(path: Path) -> None:
@@ -104,14 +109,15 @@ class Checkpoints:
         found = [p for p in self.root.iterdir() if p.is_dir() and CKPT.match(p.name)]
         return sorted(found, key=lambda p: p.name, reverse=True)
 
-    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: CheckpointMeta) -> Path:
+    def save(self, state: Mapping[str, torch.Tensor], optimizer_state: dict, meta: CheckpointMeta) -> Path:
+        """Write `state` (name -> tensor, aliases dropped) and `optimizer_state` as a complete checkpoint."""
         final = self.root / f"ckpt-{meta.step:010d}"
         tmp = self.root / f".tmp-ckpt-{meta.step:010d}-{os.getpid()}-{time.monotonic_ns()}"
         tmp.mkdir()
         try:
-            state = {k: v.detach().to("cpu").contiguous() for k, v in unique_tensors(model.state_dict()).items()}
+            state = {k: v.detach().to("cpu").contiguous() for k, v in unique_tensors(state).items()}
             save_file(state, str(tmp / "model.safetensors"), metadata={"step": str(meta.step)})
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(optimizer_state, tmp / "optimizer.pt")
             files = {}
             for name in ("model.safetensors", "optimizer.pt"):
                 _fsync_file(tmp / name)
@@ -164,18 +170,8 @@ class Checkpoints:
         return None
 
 
-def load_into(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """Load a checkpoint's weights (and optimizer state) into live objects."""
+def read(path: Path, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """A checkpoint's weights (CPU) and optimizer state (on `device`), to load into live objects
+    (`Prepared.load_checkpoint_state`, `Prepared.load_optimizer_state`)."""
     state = load_file(str(path / "model.safetensors"), device="cpu")
-    expected = model.state_dict()
-    canonical = aliases(expected)
-    missing = [k for k in expected if canonical[k] not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    with torch.no_grad():
-        for name, tensor in expected.items():
-            tensor.copy_(state[canonical[name]])
-    if optimizer is not None:
-        device = next(model.parameters()).device
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    return state, torch.load(path / "optimizer.pt", map_location=device, weights_only=True)

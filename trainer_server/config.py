@@ -38,8 +38,14 @@ STALE_POLICIES = ("downweight", "skip")
 OPTIMIZERS = ("adamw", "sgd")
 SYNC_MODES = ("full", "normal")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PRECISIONS = ("fp32", "bf16")  # trainer_server/model.py
 MAX_BATCH_SIZE = 65536  # sequences per optimizer step, flag or Train override
 MAX_BETA = 1e4  # KL coefficient, flag or Train override: beta * KL stays far inside float32
+
+
+def names(text: str) -> tuple[str, ...]:
+    """"a, b" -> ("a", "b"): a comma-separated flag value."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,15 @@ class TrainerConfig:
     publish_timeout: float = flag(120.0, "seconds one UpdateWeights may take before it is retried")
     publish_retry: float = flag(2.0, "seconds between retries to an unreachable policy server")
     chunk_bytes: int = 4 * 1024 * 1024  # UpdateWeights chunk size (the proto's limit is 4 MiB); no flag
+    # ---- model size: precision, LoRA, FSDP (trainer_server/model.py; README, "The trainer on real model sizes") ----
+    precision: str = flag("fp32", "fp32, or bf16: bfloat16 autocast with fp32 master weights and optimizer state",
+                          choices=PRECISIONS)
+    lora_rank: int = flag(0, "train LoRA adapters of this rank on a frozen base and publish only them; 0: full weights")
+    lora_alpha: float = flag(16.0, "LoRA alpha: the adapters' update is alpha / rank * B A")
+    lora_targets: tuple[str, ...] = flag((), "comma-separated module names to adapt (e.g. q_proj,v_proj); "
+                                             "empty: PEFT's choice for the model", type=names, metavar="A,B")
+    fsdp: bool = flag(False, "under torchrun: shard parameters, gradients and optimizer state over the "
+                             "processes (FSDP2)")
     rank: int = 0  # torch.distributed rank (torchrun); rank 0 serves gRPC and owns the store
     world_size: int = 1  # number of data-parallel processes
     # ---- security and limits (docs/design.md, "Security"; common/auth.py, common/tls.py, common/guard.py) ----
@@ -148,6 +163,16 @@ class TrainerConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        _ = self.model_mode  # builds the ModelMode, which checks --precision and --lora-*
+        if self.fsdp and self.world_size < 2:
+            raise ValueError("--fsdp: shards over torchrun's processes; run it under torchrun --nproc-per-node >= 2")
+
+    @property
+    def model_mode(self):
+        """How the model trains (trainer_server/model.py), from --precision, --lora-*, --fsdp."""
+        from trainer_server.model import ModelMode
+
+        return ModelMode(self.precision, self.lora_rank, self.lora_alpha, self.lora_targets, self.fsdp)
 
     def to_log(self) -> dict:
         """The configuration as plain values, for the start-up log line."""

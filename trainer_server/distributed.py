@@ -6,8 +6,11 @@ also serves gRPC and owns the store. For each optimizer step rank 0 broadcasts t
 loss's gradient, and the gradients are summed with all_reduce (the loss normalization is global,
 see training.py), so every rank applies the same update and the weights stay identical.
 
-The followers run `follow()`: a loop that receives commands (step, load a checkpoint, stop) and
-runs them in the same order as rank 0, which is all torch.distributed needs to match collectives.
+The followers run `follow()`: a loop that receives commands (step, stop; under --fsdp also
+gather, for a publish, and checkpoint, whose shards come together on rank 0) and runs them in the
+same order as rank 0, which is all torch.distributed needs to match collectives. Under --fsdp the
+weights are sharded instead of replicated and FSDP2 reduce-scatters the gradients
+(trainer_server/model.py).
 gloo on CPU, NCCL on GPUs. One process (no torchrun) uses `Collective(0, 1)`, whose operations
 are no-ops, so the single-process path is the same code.
 """
@@ -56,10 +59,11 @@ class Collective:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def shard(self, count: int) -> slice:
-        """This rank's contiguous part of `count` items (sizes differ by at most one)."""
-        start = self.rank * count // self.world_size
-        stop = (self.rank + 1) * count // self.world_size
+    def shard(self, count: int, rank: int | None = None) -> slice:
+        """This rank's (or `rank`'s) contiguous part of `count` items (sizes differ by at most one)."""
+        rank = self.rank if rank is None else rank
+        start = rank * count // self.world_size
+        stop = (rank + 1) * count // self.world_size
         return slice(start, stop)
 
 

@@ -15,7 +15,6 @@ behind a server never sends a version the server must refuse. Publishing happens
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import threading
@@ -28,7 +27,6 @@ import torch
 
 from common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, quote
 from common.hf import load_causal_lm
-from common.weights import unique_tensors
 from trainer_server.api import (
     Progress,
     SequenceInput,
@@ -38,9 +36,11 @@ from trainer_server.api import (
     TrainSettings,
     WeightPublisher,
 )
-from trainer_server.checkpoint import CheckpointMeta, Checkpoints, load_into
+from trainer_server.checkpoint import CheckpointMeta, Checkpoints
+from trainer_server.checkpoint import read as read_checkpoint
 from trainer_server.config import TrainerConfig, check_training, parse_horizon
 from trainer_server.distributed import Collective
+from trainer_server.model import prepare
 from trainer_server.rows import BatchRules, Example, KLController, horizon_rows
 from trainer_server.store import AnnotationStore, StoredAnnotation
 from trainer_server.training import PolicyTrainer, StepParams, StepResult
@@ -89,6 +89,7 @@ class TrainerEngine:
         self._train_lock = threading.Lock()
         self._state_lock = threading.Lock()  # version / step / beta read by status while training
         self._dirty = False  # weights changed since the last publish
+        self._collective_lock = threading.RLock()  # one broadcast + its collectives at a time (steps, FSDP gathers)
 
     # ---- start-up ----
 
@@ -100,11 +101,11 @@ class TrainerEngine:
         loaded = load_causal_lm(c.model, device=c.device, dtype="float32" if c.dtype == "auto" else c.dtype)
         self.device = loaded.device
         self.tokenizer = loaded.tokenizer
-        model = loaded.model
-        reference = copy.deepcopy(model)  # the weights training starts from, frozen (ties kept)
-        model.requires_grad_(True)
+        # the reference is the weights training starts from, frozen: a copy, or under LoRA the base
+        # with the adapters off (trainer_server/model.py)
+        prepared = prepare(loaded.model, c.model_mode)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.trainer = PolicyTrainer(model, reference, self.collective, learning_rate=c.learning_rate,
+        self.trainer = PolicyTrainer(prepared, None, self.collective, learning_rate=c.learning_rate,
                                      weight_decay=c.weight_decay, optimizer=c.optimizer,
                                      micro_batch_size=c.micro_batch_size,
                                      pad_id=int(pad_id))
@@ -124,7 +125,12 @@ class TrainerEngine:
             path, meta = found
             if meta.model != c.model:
                 log.warning("checkpoint %s was trained from %s, --model is %s", path, meta.model, c.model)
-            load_into(path, self.trainer.model, self.trainer.optimizer)
+            if meta.mode != c.model_mode.name:
+                raise ValueError(f"checkpoint {path} was written in mode {meta.mode}, the trainer runs in "
+                                 f"{c.model_mode.name} (--precision, --lora-*, --fsdp); start with the same flags")
+            state, optimizer_state = read_checkpoint(path, self.device)
+            self.trainer.prepared.load_checkpoint_state(state)
+            self.trainer.prepared.load_optimizer_state(self.trainer.optimizer, optimizer_state)
             self.step, self.version, self.beta, self.replay_cursor = meta.step, meta.model_version, meta.beta, meta.replay_cursor
             if self.store is not None:
                 restored = self.store.restore_consumed(meta.step)
@@ -383,9 +389,10 @@ class TrainerEngine:
 
     def _collective_step(self, examples: list[Example], params: StepParams) -> StepResult:
         """Rank 0 sends the batch to the followers, then every rank steps on its shard."""
-        if self.collective.active:
-            self.collective.broadcast(("step", examples, params))
-        return self.trainer.step(examples, params)
+        with self._collective_lock:
+            if self.collective.active:
+                self.collective.broadcast(("step", examples, params))
+            return self.trainer.step(examples, params)
 
     def follow(self) -> None:
         """Followers (rank > 0): run rank 0's commands until it says stop."""
@@ -394,6 +401,11 @@ class TrainerEngine:
             command = self.collective.broadcast()
             if command[0] == "step":
                 self.trainer.step(command[1], command[2])
+            elif command[0] == "gather":  # FSDP: rank 0 publishes; the shards come together there
+                self.trainer.prepared.published(leader=False)
+            elif command[0] == "checkpoint":  # FSDP: rank 0 saves the gathered weights and optimizer state
+                self.trainer.prepared.checkpoint_state(leader=False)
+                self.trainer.prepared.optimizer_state(self.trainer.optimizer)
             elif command[0] == "stop":
                 return
             else:
@@ -402,9 +414,12 @@ class TrainerEngine:
     # ---- publishing and checkpoints ----
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """A CPU copy of the policy's weights (aliases dropped), for publishing."""
-        state = unique_tensors(self.trainer.model.state_dict())
-        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+        """What a publish sends, as CPU tensors: the policy's weights (aliases dropped), or under LoRA
+        the adapter factors (common/adapters.py). Under FSDP gathered on rank 0 with the followers."""
+        with self._collective_lock:
+            if self.trainer.prepared.mode.fsdp:
+                self.collective.broadcast(("gather",))
+            return self.trainer.prepared.published(leader=True)
 
     def publish(self) -> int:
         """Give the current weights the next version and send them to the policy servers."""
@@ -424,8 +439,14 @@ class TrainerEngine:
         """Write a checkpoint now (between steps). Returns (path, step, version)."""
         self._require_loaded()
         meta = CheckpointMeta(step=self.step, model_version=self.version, beta=self.beta,
-                              replay_cursor=self.replay_cursor, model=self.config.model, created_at=time.time())
-        path = self.checkpoints.save(self.trainer.model, self.trainer.optimizer, meta)
+                              replay_cursor=self.replay_cursor, model=self.config.model, created_at=time.time(),
+                              mode=self.config.model_mode.name)
+        prepared = self.trainer.prepared
+        with self._collective_lock:
+            if prepared.mode.fsdp:
+                self.collective.broadcast(("checkpoint",))
+            state, optimizer_state = prepared.checkpoint_state(), prepared.optimizer_state(self.trainer.optimizer)
+        path = self.checkpoints.save(state, optimizer_state, meta)
         log.info("checkpoint %s (step %d, version %d)", path, self.step, self.version)
         return path, self.step, self.version
 

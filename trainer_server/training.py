@@ -19,6 +19,12 @@ R_m / R and beta scaled by T_m / T: every per-row term is positively homogeneous
 Dropout stays off (eval mode) while training: the KL and the per-token terms are then exact
 functions of the weights, and data-parallel ranks agree with a single process.
 
+Precision, LoRA and FSDP (trainer_server/model.py): the forward to the loss is `Prepared.loss`, a
+module (the FSDP root when sharded). Under FSDP gradients are reduce-scattered (summed) by FSDP
+itself instead of the flat all-reduce below, and every rank runs the same number of micro-batches
+(a rank with fewer runs zero-weight ones), because FSDP's collectives run in every forward and
+backward.
+
 Tied embeddings (GPT-2: lm_head.weight is transformer.wte.weight): the kernel's gradient for the
 lm_head weight is accumulated by autograd into the same Parameter as the embedding's gradient,
 because the very Parameter object is passed to the kernel.
@@ -34,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer_server.distributed import Collective
+from trainer_server.model import ModelMode, Prepared, prepare
 from trainer_server.rows import Example
 
 
@@ -63,13 +70,6 @@ class StepResult:
     seconds: float
 
 
-def output_head(model: torch.nn.Module) -> torch.nn.Parameter:
-    """The lm_head weight [V, H] the kernel multiplies the last hidden states with."""
-    head = model.get_output_embeddings()
-    assert head is not None and hasattr(head, "weight"), f"{type(model).__name__} has no output embeddings"
-    return head.weight
-
-
 def check_supported(model: torch.nn.Module) -> None:
     """The fused loss assumes logits = hidden @ W^T exactly; refuse models that do more."""
     head = model.get_output_embeddings()
@@ -82,18 +82,13 @@ def check_supported(model: torch.nn.Module) -> None:
             raise ValueError(f"{type(model).__name__}: config.{name} = {value} changes the logits; not supported")
 
 
-def last_hidden(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The input of lm_head (final layer norm applied): the base model's last hidden state."""
-    return model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, H)
-
-
 class PolicyTrainer:
     """The trainable policy, the frozen reference and the optimizer; `step` is collective."""
 
     def __init__(
         self,
-        model: torch.nn.Module,
-        reference: torch.nn.Module,
+        model: torch.nn.Module | Prepared,
+        reference: torch.nn.Module | None,
         collective: Collective,
         *,
         learning_rate: float,
@@ -104,15 +99,17 @@ class PolicyTrainer:
     ):
         from kernels import fused_linear_token_loss  # imported here so config/store users need no kernels
 
-        check_supported(model)
+        # model: a Prepared one (trainer_server/model.py), or a plain model trained in fp32 against `reference`
+        self.prepared = model if isinstance(model, Prepared) else prepare(model, ModelMode(), reference)
+        check_supported(self.prepared.policy)
         self.loss_fn = fused_linear_token_loss
-        self.model = model.eval()  # eval: dropout off (module docstring)
-        self.reference = reference.eval().requires_grad_(False)
+        self.model = self.prepared.policy  # in eval mode: dropout off (module docstring)
+        self.reference = self.prepared.reference  # None under LoRA (the policy with adapters off)
         self.collective = collective
         self.micro_batch_size = micro_batch_size
         self.pad_id = pad_id
-        self.device = next(model.parameters()).device
-        self.params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
+        self.device = next(self.model.parameters()).device
+        self.params = self.prepared.parameters()  # tied weights appear once
         if optimizer == "adamw":
             # fused: one kernel over all tensors; on the CPU about 7x faster than the per-tensor loop
             self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate, weight_decay=weight_decay, fused=True)
@@ -132,17 +129,22 @@ class PolicyTrainer:
         assert total_rows > 0 and total_positions > 0, f"empty batch: {len(batch)} sequences, {total_rows} rows"
         shard = list(batch[self.collective.shard(len(batch))])
         parts = self._micro_batches(shard)
+        padding = self._fsdp_padding(batch, len(parts))
 
         self.optimizer.zero_grad(set_to_none=False)
         # sums over this rank's parts: kernel loss, sum of per-row terms, sum of KL, sum |w|, tokens
         stats = torch.zeros(5, dtype=torch.float64)
         for part in parts:
             stats += self._forward_backward(part, params, total_rows, total_positions)
-        grads = self._all_reduce_grads()
+        for _ in range(padding):
+            self._forward_backward(batch[:1], params, total_rows, total_positions, zero=True)
         self.collective.all_reduce_(stats)
         loss, token_sum, kl_sum, abs_weight_sum, tokens = stats.tolist()
-
-        grad_norm = float(torch.linalg.vector_norm(grads).item()) if grads.numel() else 0.0
+        if self.prepared.mode.fsdp:
+            grad_norm = self._sharded_grad_norm()
+        else:
+            grads = self._all_reduce_grads()
+            grad_norm = float(torch.linalg.vector_norm(grads).item()) if grads.numel() else 0.0
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
         if skipped:
             self.optimizer.zero_grad(set_to_none=False)  # nothing of this step reaches the weights
@@ -172,33 +174,22 @@ class PolicyTrainer:
         return [shard[i : i + size] for i in range(0, len(shard), size)]
 
     def _forward_backward(self, part: list[Example], params: StepParams, total_rows: int,
-                          total_positions: int) -> torch.Tensor:
+                          total_positions: int, zero: bool = False) -> torch.Tensor:
         """Loss of one micro-batch, normalized globally (module docstring); backward into .grad.
-        Returns [kernel loss, sum of row terms, sum of KL, sum |w|, tokens]."""
+        Returns [kernel loss, sum of row terms, sum of KL, sum |w|, tokens]. zero: an FSDP padding
+        part, weights and beta 0 (it adds nothing to the gradients; its statistics are dropped)."""
         inputs = pack(part, self.pad_id, self.device)
         rows, positions = inputs.row_index.numel(), inputs.gather.numel()  # R_m, T_m
-        row_scale, kl_scale = rows / total_rows, positions / total_positions
-        hidden = last_hidden(self.model, inputs.ids, inputs.mask)  # (B, L, H)
-        hidden = hidden.reshape(-1, hidden.shape[-1])[inputs.gather]  # (T_m, H)
-        with torch.no_grad():
-            ref_hidden = last_hidden(self.reference, inputs.ids, inputs.mask)  # (B, L, H)
-            ref_hidden = ref_hidden.reshape(-1, ref_hidden.shape[-1])[inputs.gather]  # (T_m, H)
-        loss, row_losses, kl = self.loss_fn(
-            hidden,
-            output_head(self.model),
-            ref_hidden,
-            output_head(self.reference),
-            inputs.row_index,
-            inputs.targets,
-            inputs.weights * row_scale,
-            beta=params.beta * kl_scale,
-            variant=params.variant,
-            behavior_logprobs=inputs.behavior if params.variant == "pg_clip" else None,
-            clip_eps=params.clip_eps,
-            return_details=True,
+        row_scale, kl_scale = (0.0, 0.0) if zero else (rows / total_rows, positions / total_positions)
+        loss, row_losses, kl = self.prepared.loss(
+            inputs.ids, inputs.mask, inputs.gather, inputs.row_index, inputs.targets, inputs.weights * row_scale,
+            inputs.behavior, beta=params.beta * kl_scale, variant=params.variant, clip_eps=params.clip_eps,
+            loss_fn=self.loss_fn,
         )
-        if torch.isfinite(loss):
+        if torch.isfinite(loss) or self.prepared.mode.fsdp:  # FSDP: every rank runs every backward
             loss.backward()
+        if zero:
+            return torch.zeros(5, dtype=torch.float64)
         # row_losses carry the scaled weights: divide the scale back out for the reported term
         token_sum = row_losses.detach().double().sum() / row_scale
         return torch.stack([
@@ -208,6 +199,25 @@ class PolicyTrainer:
             inputs.weights.abs().double().sum(),
             torch.tensor(float(inputs.mask.sum()), dtype=torch.float64),
         ]).cpu()
+
+    def _fsdp_padding(self, batch: Sequence[Example], parts: int) -> int:
+        """Under FSDP: how many zero-weight micro-batches this rank adds so that every rank runs as
+        many as the busiest one (each rank works out every rank's count from the same batch)."""
+        if not self.prepared.mode.fsdp:
+            return 0
+        counts = [len(self._micro_batches(list(batch[self.collective.shard(len(batch), rank)])))
+                   for rank in range(self.collective.world_size)]
+        return max(counts) - parts
+
+    def _sharded_grad_norm(self) -> float:
+        """The global gradient norm from FSDP's gradient shards (summed over ranks)."""
+        squares = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in self.params:
+            if p.grad is not None:
+                squares += p.grad.to_local().double().pow(2).sum().to(self.device)
+        if self.collective.active:
+            self.collective.all_reduce_(squares)
+        return float(squares.sqrt().item())
 
     def _all_reduce_grads(self) -> torch.Tensor:
         """Sum the gradients over ranks in one flat buffer; returns it (for the norm)."""
