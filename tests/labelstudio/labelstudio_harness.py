@@ -2,15 +2,18 @@
 Label Studio started headless.
 
 Label Studio runs from its own venv (.cache/labelstudio-venv, made by scripts/labelstudio_venv.sh
-when missing, reused after), on 127.0.0.1 with a temporary data folder and the environment
-notes/label-studio.md lists: a fixed admin user and legacy API token, local ML backends and
-webhooks allowed (SSRF protection off), no analytics, no version check.
+when missing, reused after), on 127.0.0.1 with a temporary data folder and this environment: a
+fixed admin user and legacy API token, local ML backends and webhooks allowed (SSRF protection
+off), no analytics, no version check. Its database starts as a copy of one migrated once
+(.cache/labelstudio-data-template, made when missing): applying Label Studio's migrations to a fresh
+database is most of its start-up, minutes on a busy machine.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +29,8 @@ from common.process import ServerProcess, start_server
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_SCRIPT = ROOT / "scripts" / "labelstudio_venv.sh"
+TEMPLATE = ROOT / ".cache" / "labelstudio-data-template"  # holds a migrated label_studio.sqlite3
+DATABASE = "label_studio.sqlite3"  # Label Studio's SQLite file in its data folder
 
 
 @dataclass
@@ -117,15 +122,16 @@ class LabelStudio:
                 self.proc.wait()
 
 
-def start_label_studio(executable: Path, data_dir: Path, *, timeout: float = 300.0) -> LabelStudio:
-    port = free_port()
-    token = "tokenfeedback-test-token-0123456789abcdef"
+TOKEN = "tokenfeedback-test-token-0123456789abcdef"
+
+
+def label_studio_env(data_dir: Path) -> dict[str, str]:
     env = {
         **os.environ,
         "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
         "LABEL_STUDIO_USERNAME": "annotator@example.com",
         "LABEL_STUDIO_PASSWORD": "tokenfeedback-test-password",
-        "LABEL_STUDIO_USER_TOKEN": token,
+        "LABEL_STUDIO_USER_TOKEN": TOKEN,
         "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
         "ML_BLOCK_LOCAL_IP": "false",
         "SSRF_PROTECTION_ENABLED": "false",
@@ -134,6 +140,36 @@ def start_label_studio(executable: Path, data_dir: Path, *, timeout: float = 300
     }
     for name in ("DJANGO_SETTINGS_MODULE", "DATABASE_URL", "PYTHONPATH"):  # ours must not leak into it
         env.pop(name, None)
+    return env
+
+
+def migrated_database(executable: Path) -> Path:
+    """A Label Studio database with all its migrations applied (and nothing else), made once with
+    Label Studio's own `migrate` into a temporary folder and moved into place when complete."""
+    database = TEMPLATE / DATABASE
+    if database.exists():
+        return database
+    building = TEMPLATE.with_name(TEMPLATE.name + ".tmp")
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    env = {**label_studio_env(building), "DJANGO_SETTINGS_MODULE": "label_studio.core.settings.label_studio"}
+    python = executable.parent / "python"
+    code = ("import os, sys, label_studio; sys.path.insert(0, os.path.dirname(label_studio.__file__)); "  # as it starts
+            "import django; django.setup(); from django.core.management import call_command; "
+            "call_command('migrate', verbosity=0)")
+    done = subprocess.run([str(python), "-c", code], env=env, cwd=building, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0 or not (building / DATABASE).exists():
+        raise RuntimeError(f"label-studio migrate failed ({done.returncode}):\n{(done.stdout + done.stderr)[-4000:]}")
+    shutil.rmtree(TEMPLATE, ignore_errors=True)
+    building.rename(TEMPLATE)
+    return database
+
+
+def start_label_studio(executable: Path, data_dir: Path, *, timeout: float = 300.0) -> LabelStudio:
+    port = free_port()
+    token = TOKEN
+    env = label_studio_env(data_dir)
+    shutil.copyfile(migrated_database(executable), data_dir / DATABASE)
     started = time.perf_counter()
     proc = subprocess.Popen(
         [str(executable), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port)],

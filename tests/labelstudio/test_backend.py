@@ -1,7 +1,7 @@
 """The Label Studio backend over HTTP against real policy and trainer servers (tiny model).
 
-Label Studio's payloads are written by hand here, in the shapes Label Studio 1.23 sends them
-(notes/label-studio.md); test_labelstudio_integration.py drives a real Label Studio. Expected
+Label Studio's payloads are written by hand here, in the shapes Label Studio 1.23 sends them;
+test_labelstudio_integration.py drives a real Label Studio. Expected
 token rows are derived from the policy's own token offsets with the span rules (docs/design.md,
 "Spans"), so they check the shared conversion and the trainer together.
 """
@@ -354,3 +354,62 @@ def test_other_actions_are_acknowledged_and_ignored(backend):
         assert (status, reply["status"]) == (200, "ignored")
     status, reply, _ = call(backend, "/webhook", None)
     assert status == 400 and "JSON" in reply["error"]
+
+
+# ---- rejected annotations, and Label Studio's token --------------------------------------------
+
+
+def test_rejected_annotations_are_listed_until_a_later_version_is_stored(backend, clients):
+    """Label Studio saves an annotation whatever the webhook answers: the backend lists the ones it
+    could not store (/rejected and /health), naming task, annotation, region and error, until a
+    later version of the same annotation is stored."""
+    _, trainer = clients
+    conflict = [region("a", CAPITAL, " Canada", "Bad"), region("c", CAPITAL, "Canada.", "Good")]
+    status, reply, _ = call(backend, "/webhook", saved("ANNOTATION_CREATED", 93, 903, CAPITAL, conflict, "t1"))
+    assert status == 400
+    status, listed, _ = call(backend, "/rejected", method="GET")
+    assert status == 200
+    [entry] = [r for r in listed["rejected"] if r["annotation"] == "903"]
+    assert (entry["task"], entry["project"], entry["error"]) == ("93", "1", reply["error"])
+    assert "overlaps" in entry["error"] and entry["region"]["text"] in (" Canada", "Canada.")
+    # No Label Studio behind this backend's /setup: it says so instead of pretending it was shown.
+    _, health, _ = call(backend, "/health", method="GET")
+    [entry] = [r for r in health["rejected"] if r["annotation"] == "903"]
+    assert entry["shown"].startswith("not shown in Label Studio") or entry["shown"] == ""
+
+    fixed = submit(backend, saved("ANNOTATION_UPDATED", 93, 903, CAPITAL, conflict[:1], "t2"))
+    assert fixed["status"] == "accepted" and state(trainer, fixed["annotation_id"]) == "pending"
+    _, listed, _ = call(backend, "/rejected", method="GET")
+    assert not [r for r in listed["rejected"] if r["annotation"] == "903"]
+
+
+def test_label_studio_token_from_a_file_or_the_environment_never_logged(tmp_path, monkeypatch, capsys,
+                                                                      start_backend, servers):
+    import argparse
+
+    from tokenfeedback.labelstudio.server import TOKEN_ENV, add_arguments, label_studio_token
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    secret = tmp_path / "ls-token"
+    secret.write_text("file-token-123\n", encoding="utf-8")
+    monkeypatch.setenv(TOKEN_ENV, "env-token-456")
+    assert label_studio_token(parser.parse_args(["--label-studio-token-file", str(secret)])) == "file-token-123"
+    assert label_studio_token(parser.parse_args([])) == "env-token-456"
+    assert capsys.readouterr().err == ""
+    # The old flag still works, with a warning that names the safe ways.
+    assert label_studio_token(parser.parse_args(["--label-studio-token", "argv-token"])) == "argv-token"
+    warning = capsys.readouterr().err
+    assert "--label-studio-token-file" in warning and TOKEN_ENV in warning
+    empty = tmp_path / "empty"
+    empty.write_text("", encoding="utf-8")
+    with pytest.raises(Exception, match="--label-studio-token-file: .* is empty"):
+        label_studio_token(parser.parse_args(["--label-studio-token-file", str(empty)]))
+
+    # A backend started with it does not print it (its config line leaves tokens out).
+    started = start_backend(servers.policy.address, servers.trainer.address, "--label-studio-token-file", str(secret),
+                            "--label-studio-url", "http://127.0.0.1:1")
+    status, _, _ = call(started, "/health", method="GET")
+    assert status == 200
+    output = "\n".join(started.output)
+    assert "config:" in output and "file-token-123" not in output

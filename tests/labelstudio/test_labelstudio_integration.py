@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
-from labelstudio_harness import ROOT, ensure_venv, start_label_studio, start_servers
+from labelstudio_harness import ROOT, ensure_venv, http_json, start_label_studio, start_servers
 
 from tokenfeedback.client import PolicyClient, TrainerClient
+from tokenfeedback.errors import NotFoundError
 from tokenfeedback.imports import labelstudio_annotation_id
 from tokenfeedback.labelstudio import NAMES, label_config
 
@@ -195,3 +196,58 @@ def test_label_studio_end_to_end(label_studio, stack):
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(figures, indent=2) + "\n")
     print("\nLabel Studio figures:", json.dumps(figures))
+
+
+def wait_for(check, what: str, timeout: float = 60.0):
+    """check()'s first truthy answer, polled; fails naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (answer := check()):
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f}s"
+        time.sleep(0.25)
+    return answer
+
+
+def test_a_rejected_annotation_is_shown_in_label_studio(label_studio, stack):
+    """Label Studio saves (201) an annotation the backend could not store; the backend writes why
+    into the task's data, which the shipped config shows, and lists it on /rejected and /health;
+    a fixed update stores it and clears both."""
+    servers, backend, policy, trainer = stack
+    ls = label_studio
+    pid = ls.api("POST", "/api/projects", {"title": "tokenfeedback rejections", "label_config": label_config()})["id"]
+    ls.api("POST", f"/api/projects/{pid}/import", [{"prompt": "Paris is the capital of", "completion": " Canada."}])
+    [task] = ls.api("GET", f"/api/tasks?project={pid}&page_size=10")["tasks"]
+    assert "tokenfeedback_error" not in task["data"]  # imported without it: the config does not require it
+    ml = ls.api("POST", "/api/ml", {"url": f"http://{backend.address}", "project": pid, "title": "tokenfeedback"})
+    assert ml["state"] == "CO", ml
+
+    # Bad and Good over the same token: the backend refuses it; Label Studio saves it anyway.
+    conflict = [
+        {"id": "bad", "from_name": NAMES.labels, "to_name": NAMES.completion, "type": "labels",
+         "value": {"start": 0, "end": 7, "text": " Canada", "labels": [NAMES.bad]}},
+        {"id": "good", "from_name": NAMES.labels, "to_name": NAMES.completion, "type": "labels",
+         "value": {"start": 1, "end": 8, "text": "Canada.", "labels": [NAMES.good]}},
+    ]
+    annotation = ls.api("POST", f"/api/tasks/{task['id']}/annotations", {"result": conflict}, expect=201)
+    shown = wait_for(lambda: ls.api("GET", f"/api/tasks/{task['id']}")["data"].get("tokenfeedback_error"),
+                     "the error written into the task")
+    assert f"annotation {annotation['id']}" in shown and "overlaps" in shown and "Canada" in shown, shown
+    base = f"http://{backend.address}"
+    listed = http_json("GET", f"{base}/rejected")[1]["rejected"]
+    [entry] = [r for r in listed if r["annotation"] == str(annotation["id"])]
+    assert (entry["task"], entry["project"]) == (str(task["id"]), str(pid))
+    assert wait_for(lambda: next(r for r in http_json("GET", f"{base}/health")[1]["rejected"]
+                                 if r["annotation"] == str(annotation["id"]))["shown"], "shown") \
+        == "task data.tokenfeedback_error"
+    with pytest.raises(NotFoundError):
+        trainer.get_annotation(labelstudio_annotation_id(task["id"], annotation["id"], annotation["updated_at"]))
+
+    # The annotator fixes it (drops the Good region) and updates: stored, the message cleared.
+    time.sleep(0.01)
+    updated = ls.api("PATCH", f"/api/annotations/{annotation['id']}", {"result": conflict[:1]})
+    stored = trainer.get_annotation(labelstudio_annotation_id(task["id"], updated["id"], updated["updated_at"]))
+    assert stored.state == 1 and len(stored.rows) == 1
+    wait_for(lambda: ls.api("GET", f"/api/tasks/{task['id']}")["data"].get("tokenfeedback_error") == "",
+             "the error cleared from the task")
+    assert not [r for r in http_json("GET", f"{base}/rejected")[1]["rejected"]
+                if r["annotation"] == str(annotation["id"])]
+    assert ls.api("GET", f"/api/tasks/{task['id']}")["data"]["completion"] == " Canada."  # the rest kept

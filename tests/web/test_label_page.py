@@ -177,8 +177,10 @@ def test_keyboard_only(page, trainer, start_label, trainer_stub, tmp_path):
     w = wait_done(page)
     assert w["promptText"] == "Paris is the capital of"
     assert page.evaluate("document.activeElement.id") == "tokens"
-    # The cursor starts on the first suggested token (the policy's own least likely ones).
+    # The cursor starts on the least likely token, one of the suggestions.
     assert page.locator("#tokens .tok.suggested").count() >= 1
+    least = min((t for t in w["tokens"] if t["text"]), key=lambda t: (t["logprob"], t["position"]))
+    assert page.get_attribute("#tokens .tok.cursor", "data-pos") == str(least["position"])
     assert "suggested" in page.get_attribute("#tokens .tok.cursor", "class")
 
     # A second completion, typed: "/" focuses the prompt, Enter generates.

@@ -27,6 +27,7 @@ export const el = {
   suggestInfo: $("suggest-info"),
   promptEcho: $("prompt-echo"),
   tokens: $("tokens"),
+  legend: $("legend"),
   detailHead: $("detail-head"),
   markBad: $<HTMLButtonElement>("mark-bad"),
   markGood: $<HTMLButtonElement>("mark-good"),

@@ -7,7 +7,7 @@ import { describe, isAbort, policy } from "./api";
 import { el } from "./dom";
 import { saveSettings, saveWork } from "./store";
 import { settings, ui } from "./state";
-import { labelCount, newWork, suggestions, type Alt, type Tok, type Work } from "./tokens";
+import { labelCount, newWork, startPosition, suggestions, type Alt, type Tok, type Work } from "./tokens";
 import { appendChip, changed, decorateAll, drawTokens, note, renderDetail, renderMeta } from "./view";
 
 function fromEvent(t: TokenEvent | ScoredToken, version: number): Tok {
@@ -26,6 +26,8 @@ function fromEvent(t: TokenEvent | ScoredToken, version: number): Tok {
   };
 }
 
+/** A new completion replaces the work: the cursor, selection, suggestions and the note about the
+ * previous one's submit are dropped. */
 function begin(w: Work): void {
   ui.work = w;
   ui.cursor = 0;
@@ -33,18 +35,19 @@ function begin(w: Work): void {
   ui.mouseSpan = null;
   ui.suggested = new Map();
   saveWork(w);
+  note("");
   drawTokens();
   renderMeta();
   renderDetail();
 }
 
-/** After the last token: suggestions, the cursor on the first of them, and the focus on the
- * tokens unless the annotator went elsewhere meanwhile (the side panel, say). */
+/** After the last token: suggestions, the cursor on the least likely token (tokens.startPosition),
+ * and the focus on the tokens unless the annotator went elsewhere meanwhile (the side panel, say). */
 function finish(w: Work): void {
   w.done = true;
   if (ui.work !== w) return;
   ui.suggested = settings.suggest ? suggestions(w.tokens) : new Map();
-  ui.cursor = ui.suggested.size ? Math.min(...ui.suggested.keys()) : 0;
+  ui.cursor = startPosition(w.tokens);
   changed();
   const at = document.activeElement;
   const idle = !at || at === document.body || el.promptForm.contains(at) || el.tokens.contains(at);

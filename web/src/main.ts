@@ -20,7 +20,7 @@ import { saveSettings } from "./store";
 import { settings, ui } from "./state";
 import { flush, renderOutbox, submit } from "./submit";
 import { suggestions } from "./tokens";
-import { changed, drawTokens } from "./view";
+import { changed, drawLegend, drawTokens } from "./view";
 
 function bindSettings(): void {
   el.maxTokens.value = String(settings.maxTokens);
@@ -121,6 +121,7 @@ async function loadPrompts(): Promise<void> {
 }
 
 function main(): void {
+  drawLegend();
   bindSettings();
   wire();
   if (ui.work) {

@@ -24,7 +24,9 @@ const num = (x: number, digits = 4): string =>
 function renderStatus(st: PromiseSettledResult<TrainerStatus>, mi: PromiseSettledResult<ModelInfo>): void {
   if (mi.status === "fulfilled") {
     ui.policyVersion = Number(mi.value.modelVersion);
-    ui.special = new Map(mi.value.specialTokens.map((t) => [t.tokenId, t.role]));
+    // One id can have several roles (bos, eos, unk on one token): eos names it, else the first.
+    ui.special = new Map();
+    for (const t of mi.value.specialTokens) if (!ui.special.has(t.tokenId) || t.role === "eos") ui.special.set(t.tokenId, t.role);
     el.modelInfo.textContent = `${mi.value.modelName} · policy v${ui.policyVersion} · ${mi.value.device}`;
   } else {
     el.modelInfo.textContent = `policy: ${describe(mi.reason)}`;
@@ -35,6 +37,9 @@ function renderStatus(st: PromiseSettledResult<TrainerStatus>, mi: PromiseSettle
     return;
   }
   const s = st.value;
+  // TrainerStatus has no "no loss yet": a trainer that has not trained since it started reports
+  // zeros. A real step's loss and token loss are never both exactly 0 (its KL may be, at step 1).
+  const trained = s.lastLoss !== 0 || s.lastTokenLoss !== 0;
   el.status.dataset.reachable = "true";
   el.status.dataset.total = String(s.annotationsTotal);
   dl([
@@ -45,9 +50,9 @@ function renderStatus(st: PromiseSettledResult<TrainerStatus>, mi: PromiseSettle
     ["rows", String(s.rowsTotal)],
     ["version", `v${s.modelVersion}`],
     ["step", String(s.step)],
-    ["last loss", num(s.lastLoss)],
-    ["token loss", num(s.lastTokenLoss)],
-    ["KL", num(s.lastKl, 5)],
+    ["last loss", trained ? num(s.lastLoss) : "—"],
+    ["token loss", trained ? num(s.lastTokenLoss) : "—"],
+    ["KL", trained ? num(s.lastKl, 5) : "—"],
     ["loss", `${s.variant}, beta ${s.beta}, horizon ${s.horizon}, gamma ${s.gamma}`],
     ["training", s.training ? "yes" : "no"],
     ...s.policies.map((p): [string, string] => [p.address, p.reachable ? `v${p.modelVersion}` : `unreachable ${p.lastError}`]),

@@ -107,10 +107,38 @@ export function pieces(text: string): { text: string; ws: boolean }[] {
   return out;
 }
 
-/** Background alpha for a token's logprob: 0 for a certain token, rising to 1 at p = e^-8, so the
- * unlikely tokens stand out. */
-export function unlikeliness(logprob: number): number {
-  return Math.min(1, Math.max(0, -logprob / 8));
+/** The probability bands a chip is shaded by, most likely first: the bands of the CLI's colours
+ * (`tokenfeedback generate --color`). The page draws them as a legend under the tokens. */
+export const BANDS: readonly { min: number; label: string }[] = [
+  { min: 0.5, label: "p ≥ 50%" },
+  { min: 0.1, label: "10–50%" },
+  { min: 0.01, label: "1–10%" },
+  { min: 0, label: "< 1%" },
+];
+
+/** The index in BANDS of a token's probability. */
+export function band(logprob: number): number {
+  const p = Math.exp(logprob);
+  const i = BANDS.findIndex((b) => p >= b.min);
+  return i < 0 ? BANDS.length - 1 : i;
+}
+
+/** Where the cursor starts on a finished completion: its least likely token that adds characters
+ * (the policy's own best guess at a mistake, often the word a fact hinges on); the earliest of
+ * equally unlikely ones; 0 when no token adds characters. The page's help says so. */
+export function startPosition(tokens: Tok[]): number {
+  let best: Tok | null = null;
+  for (const t of tokens) if (t.text !== "" && (best === null || t.logprob < best.logprob)) best = t;
+  return best?.position ?? 0;
+}
+
+/** What a chip that adds no characters is called: "eos" for the last token of a completion that
+ * ended on the end-of-sequence token (its finish reason says so, whatever other roles the id has,
+ * e.g. pad or unk sharing it), else the special token's role, else nothing (part of a character). */
+export function specialName(w: Work, t: Tok, special: ReadonlyMap<number, string>): string | undefined {
+  if (t.text !== "") return undefined;
+  if (w.finish === "eos" && t.position === w.tokens.length - 1) return "eos";
+  return special.get(t.tokenId);
 }
 
 export function percent(logprob: number): string {

@@ -5,12 +5,14 @@ import { el } from "./dom";
 import { saveWork } from "./store";
 import { editable, settings, target, ui } from "./state";
 import {
+  band,
+  BANDS,
   labelCount,
   percent,
   pieces,
+  specialName,
   tokensInSpan,
   tooltip,
-  unlikeliness,
   VISIBLE,
   type Alt,
   type Tok,
@@ -30,7 +32,7 @@ export function note(text: string, error = false): void {
 }
 
 // ---- the tokens --------------------------------------------------------------------------------
-/** A chip: the token's text with its whitespace made visible, shaded by its logprob. Model text is
+/** A chip: the token's text with its whitespace made visible, shaded by its probability band. Model text is
  * only ever set as text, never as HTML. */
 export function chip(t: Tok): HTMLElement {
   const c = document.createElement("span");
@@ -39,7 +41,7 @@ export function chip(t: Tok): HTMLElement {
   c.dataset.pos = String(t.position);
   c.setAttribute("role", "option");
   c.title = tooltip(t);
-  c.style.setProperty("--u", unlikeliness(t.logprob).toFixed(3));
+  c.dataset.band = String(band(t.logprob));
   if (t.text === "") c.classList.add("empty");
   for (const p of pieces(t.text)) {
     if (p.ws) {
@@ -91,7 +93,9 @@ export function decorateAll(): void {
     const repl = label?.replacementText ?? tok.alternatives.find((a) => a.tokenId === label?.replacementTokenId)?.text;
     if (repl !== undefined) c.dataset.repl = shown(repl);
     else delete c.dataset.repl;
-    if (tok.text === "" && ui.special.has(tok.tokenId)) c.dataset.special = ui.special.get(tok.tokenId);
+    const name = specialName(ui.work, tok, ui.special);
+    if (name !== undefined) c.dataset.special = name;
+    else delete c.dataset.special;
     c.title = tooltip(tok) + (ui.suggested.has(tok.position) ? ` · suggested (${ui.suggested.get(tok.position)})` : "");
   }
   if (ui.work.tokens.length) el.tokens.setAttribute("aria-activedescendant", `tok-${ui.cursor}`);
@@ -121,6 +125,18 @@ export function renderMeta(): void {
   el.promptEcho.textContent = `prompt: ${ui.work.promptText}`;
   el.suggestInfo.textContent = ui.suggested.size ? `${ui.suggested.size} suggested — ] jumps to the next` : "";
   el.submit.disabled = !ui.work.done || !!ui.work.submitted;
+}
+
+/** The legend of the chips' shading: one swatch per probability band, shaded as the chips are. */
+export function drawLegend(): void {
+  el.legend.replaceChildren(
+    Object.assign(document.createElement("span"), { textContent: "probability under the policy:", className: "muted" }),
+    ...BANDS.map((b, i) => {
+      const s = Object.assign(document.createElement("span"), { textContent: b.label, className: "swatch" });
+      s.dataset.band = String(i);
+      return s;
+    }),
+  );
 }
 
 // ---- the selection panel ---------------------------------------------------------------------
@@ -159,7 +175,7 @@ export function renderDetail(): void {
       li.append(shown(a.text) || "◌");
       const p = document.createElement("span");
       p.className = "p";
-      p.textContent = `${percent(a.logprob)}${i < 9 ? `  (${i + 1})` : ""}`;
+      p.textContent = percent(a.logprob); // the list's own number is the key that chooses it
       li.append(p);
       li.dataset.index = String(i); // a click chooses it (main.ts)
       el.alts.append(li);

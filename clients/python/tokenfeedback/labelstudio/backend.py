@@ -17,9 +17,13 @@ Label Studio's ML backend contract (as its own label_studio_ml reference server 
   delete withdraws them all. Label Studio waits 1 s for a webhook: the request only stores (the
   trainer acknowledges after its durable commit) and answers; START_TRAINING starts the trainer's
   Train in a background thread and answers at once.
+- GET /rejected (and /health's "rejected"): the annotations the backend could not store.
 Errors (a task without text, a region whose text disagrees with its offsets, an unreachable
 trainer) are a JSON body {"error": ..., "task": ..., "annotation": ...} with a 4xx/5xx status and
-one log line naming the task and region; a rejected annotation stores nothing.
+one log line naming the task and region; a rejected annotation stores nothing. Label Studio saves
+it all the same, so the backend also writes the error into the task's data (rest.ERROR_KEY, shown
+by the shipped labeling config) and lists it until a later version of the annotation is stored
+(docs/design.md, "Errors and limits").
 """
 
 from __future__ import annotations
@@ -27,11 +31,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import queue
 import re
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +49,7 @@ from tokenfeedback.errors import (
 from tokenfeedback.imports import ConversionError, Skipped, labelstudio_annotation_id, labelstudio_sequence
 from tokenfeedback.labelstudio.config import NAMES, LabelNames, names_from_config
 from tokenfeedback.labelstudio.predict import MarkOptions, prediction
+from tokenfeedback.labelstudio.rest import ERROR_KEY, LabelStudioApi, LabelStudioError
 from tokenfeedback.labelstudio.state import SubmissionLog
 
 log = logging.getLogger("tokenfeedback.labelstudio")
@@ -71,10 +75,11 @@ class BackendConfig:
     train_steps: int = 0  # optimizer steps per START_TRAINING; 0: one pass over pending annotations
     state: str = "data/labelstudio-backend.sqlite"  # which trainer ids were submitted (":memory:" ok)
     webhook_budget: float = 0.8  # seconds a webhook may spend on trainer calls (Label Studio waits 1)
+    feedback_retries: int = 5  # tries at writing a rejection into a Label Studio task, 0.5 s, 1 s, 2 s, 4 s apart
     predict_concurrency: int = 8  # tasks of one /predict scored at the same time
     to_name: str = ""  # keep only regions on this Text tag; "" keeps all labels/textarea regions
     label_studio_url: str = ""  # Label Studio's address for writing generated completions; "" from /setup
-    label_studio_token: str = ""  # its API token; "" uses the one /setup sends
+    label_studio_token: str = field(default="", repr=False)  # its API token; "" uses the one /setup sends
     tls_ca: str | None = None  # PEM root certificate(s) of the gRPC servers; None: plaintext
     token: str | None = field(default=None, repr=False)  # bearer token for the gRPC servers (auth on)
 
@@ -82,6 +87,8 @@ class BackendConfig:
         MarkOptions(self.threshold, self.max_marks)  # validates both
         if self.webhook_budget <= 0:
             raise ValueError(f"webhook_budget: must be > 0 seconds, got {self.webhook_budget}")
+        if self.feedback_retries < 1:
+            raise ValueError(f"feedback_retries: must be >= 1, got {self.feedback_retries}")
         if self.predict_concurrency < 1:
             raise ValueError(f"predict_concurrency: must be >= 1, got {self.predict_concurrency}")
 
@@ -119,8 +126,15 @@ class Backend:
         self.webhook_lock = asyncio.Lock()  # webhooks one at a time: an update's withdraws stay ordered
         self.training_lock = threading.Lock()
         self.training: dict[str, Any] = {"running": False}
+        # (project, task) whose rejections to write into Label Studio, in order, after the webhook
+        # answered: Label Studio sends webhooks from inside the request that saves the annotation.
+        self.feedback: queue.Queue[tuple[str, str] | None] = queue.Queue()
+        self.feedback_thread = threading.Thread(target=self._feedback_loop, name="labelstudio-feedback", daemon=True)
+        self.feedback_thread.start()
 
     def close(self) -> None:
+        self.feedback.put(None)
+        self.feedback_thread.join(timeout=5.0)
         self.policy.close()
         self.trainer.close()
         self.submissions.close()
@@ -134,7 +148,12 @@ class Backend:
             raise RequestError(503, f"policy server: {exc}", status="DOWN") from None
         if not serving:
             raise RequestError(503, "policy server: not SERVING yet", status="DOWN")
-        return {"status": "UP", "model_class": "tokenfeedback", "training": dict(self.training)}
+        return {"status": "UP", "model_class": "tokenfeedback", "training": dict(self.training),
+                "rejected": self.submissions.rejected()}
+
+    async def rejected(self) -> dict:
+        """The annotations Label Studio saved but the backend could not store, newest first."""
+        return {"rejected": self.submissions.rejected()}
 
     async def setup(self, body: dict) -> dict:
         project = _project_id(body.get("project"))
@@ -229,24 +248,24 @@ class Backend:
         item["task_updated"] = self._write_task_data(task, {**data, **generated}, project, where)
         return item
 
-    def _write_task_data(self, task: dict, data: dict, project: str, where: str) -> bool:
+    def _label_studio(self, project: str) -> LabelStudioApi | None:
+        """Label Studio's API for a project: the command line's address and token, else /setup's."""
         known = self.projects.get(project, {})
-        base = (self.config.label_studio_url or known.get("hostname") or "").rstrip("/")
+        base = self.config.label_studio_url or known.get("hostname") or ""
         token = self.config.label_studio_token or known.get("access_token") or ""
-        if not base or not token or task.get("id") is None:
+        return LabelStudioApi(base, token) if base and token else None
+
+    def _write_task_data(self, task: dict, data: dict, project: str, where: str) -> bool:
+        api = self._label_studio(project)
+        if api is None or task.get("id") is None:
             log.warning("predict: %s: generated a completion but cannot write it into the task (no Label "
-                        "Studio address/token from /setup or --label-studio-url/--label-studio-token)", where)
+                        "Studio address/token from /setup or --label-studio-url/--label-studio-token-file)", where)
             return False
-        request = urllib.request.Request(
-            f"{base}/api/tasks/{task['id']}", data=json.dumps({"data": data}).encode(), method="PATCH",
-            headers={"Content-Type": "application/json", "Authorization": f"Token {token}"},
-        )
         try:
-            with urllib.request.urlopen(request, timeout=10) as reply:
-                reply.read()
+            api.write_task_data(task["id"], data)
             return True
-        except (urllib.error.URLError, OSError) as exc:
-            log.warning("predict: %s: writing the generated completion into the task at %s failed: %s", where, base, exc)
+        except LabelStudioError as exc:
+            log.warning("predict: %s: writing the generated completion into the task failed: %s", where, exc)
             return False
 
     # ---- /webhook ----------------------------------------------------------------------
@@ -272,16 +291,32 @@ class Backend:
     def _saved_all(self, body: dict, action: str, deadline: float) -> dict:
         """ANNOTATION_CREATED/UPDATED carry one annotation and its task; ANNOTATIONS_CREATED lists."""
         annotations, tasks = body.get("annotation"), body.get("task")
+        project = _project_id(_webhook_project(body))
         if action != "ANNOTATIONS_CREATED":
-            return self._saved(tasks, annotations, action, deadline)
+            return self._saved(tasks, annotations, action, deadline, project)
         if not isinstance(annotations, list) or not isinstance(tasks, list) or len(annotations) != len(tasks):
             raise RequestError(400, "ANNOTATIONS_CREATED: expected equally long `annotation` and `task` lists")
-        replies = [self._saved(task, annotation, action, deadline) for task, annotation in zip(tasks, annotations, strict=True)]
+        replies = [self._saved(task, annotation, action, deadline, project)
+                   for task, annotation in zip(tasks, annotations, strict=True)]
         return {"status": "ok", "annotations": replies}
 
-    def _saved(self, task: Any, annotation: Any, action: str, deadline: float) -> dict:
+    def _saved(self, task: Any, annotation: Any, action: str, deadline: float, project: str) -> dict:
+        """Stores one saved annotation; a rejection is remembered and shown in Label Studio, and a
+        stored (or skipped) version takes back an earlier version's rejection."""
         if not isinstance(task, dict) or not isinstance(annotation, dict):
             raise RequestError(400, f"{action}: expected `task` and `annotation` objects")
+        task_id, annotation_id = task.get("id"), annotation.get("id")
+        try:
+            reply = self._store(task, annotation, action, deadline)
+        except RequestError as exc:
+            if task_id is not None and annotation_id is not None:
+                self.submissions.reject(annotation_id, task_id, project, exc.message, exc.where.get("region"))
+                self.feedback.put((project, str(task_id)))
+            raise
+        self._unreject(annotation_id, project)
+        return reply
+
+    def _store(self, task: dict, annotation: dict, action: str, deadline: float) -> dict:
         task_id, annotation_id = task.get("id"), annotation.get("id")
         where = {"task": task_id, "annotation": annotation_id}
         earlier = self.submissions.active(annotation_id)
@@ -328,6 +363,8 @@ class Backend:
             if annotation.get("updated_at") and isinstance(body.get("task"), dict):  # a full payload names its key
                 keys.append(labelstudio_annotation_id(body["task"].get("id"), annotation["id"], annotation["updated_at"]))
         withdrawn = self._withdraw(sorted(set(keys)), deadline, {"annotation": ids})
+        for annotation_id in ids:
+            self._unreject(annotation_id, _project_id(_webhook_project(body)))
         return {"status": "withdrawn", "withdrawn": withdrawn, "annotation": ids}
 
     def _withdraw(self, keys: list[str], deadline: float, where: dict) -> int:
@@ -358,6 +395,48 @@ class Backend:
         log.warning("webhook rejected, nothing submitted: task %s, annotation %s%s: %s", where.get("task"),
                     where.get("annotation"), f", region {region}" if region else "", message)
         return RequestError(status, message, region=region, **where)
+
+    # ---- rejections, shown in Label Studio ----------------------------------------------
+
+    def _unreject(self, annotation_id: Any, project: str) -> None:
+        task = None if annotation_id is None else self.submissions.unreject(annotation_id)
+        if task is not None:
+            self.feedback.put((project, task))
+
+    def _feedback_loop(self) -> None:
+        """Writes each queued task's rejections (or "" once none are left) into its data."""
+        while (item := self.feedback.get()) is not None:
+            project, task = item
+            try:
+                self._show_rejections(project, task)
+            except Exception:  # noqa: BLE001 - a background thread must report, not vanish
+                log.exception("writing the rejections of task %s into Label Studio failed", task)
+
+    def _show_rejections(self, project: str, task: str) -> None:
+        rejected = self.submissions.rejected(task)
+        message = "\n".join(rejection_message(r) for r in rejected)
+        project = project or next((r["project"] for r in rejected if r["project"]), "")
+        api = self._label_studio(project)
+        if api is None:
+            why = "not shown in Label Studio: no address/token (from /setup or --label-studio-url/--label-studio-token-file)"
+            log.warning("task %s: %s", task, why)
+            for r in rejected:
+                self.submissions.mark_shown(r["annotation"], why)
+            return
+        for attempt in range(self.config.feedback_retries):
+            try:
+                data = api.task(task).get("data") or {}
+                if data.get(ERROR_KEY, "") != message and (message or ERROR_KEY in data):
+                    api.write_task_data(task, {**data, ERROR_KEY: message})
+                shown = f"task data.{ERROR_KEY}"
+                break
+            except LabelStudioError as exc:
+                shown = f"not shown in Label Studio: {exc}"
+                if attempt + 1 < self.config.feedback_retries:
+                    time.sleep(0.5 * 2**attempt)
+        log.info("task %s: %d rejected annotation(s) -> %s", task, len(rejected), shown)
+        for r in rejected:
+            self.submissions.mark_shown(r["annotation"], shown)
 
     # ---- training ----------------------------------------------------------------------
 
@@ -403,6 +482,19 @@ def _region_id(annotation: dict, span) -> str | None:
             if same(item.get("value") or {}):
                 return item.get("id")
     return None
+
+
+def rejection_message(rejected: dict) -> str:
+    """What the annotator reads in the task: which annotation, why, which region, what to do."""
+    region = rejected.get("region") or {}
+    where = f" (region {region.get('id')!r}: {region.get('text')!r})" if region.get("id") or region.get("text") else ""
+    return (f"tokenfeedback did not store annotation {rejected['annotation']} for training: "
+            f"{rejected['error']}{where}. Fix it and update the annotation.")
+
+
+def _webhook_project(body: dict) -> Any:
+    project = body.get("project")
+    return project.get("id") if isinstance(project, dict) else project
 
 
 def model_version_name(version: int) -> str:

@@ -3,7 +3,9 @@
 A task is a model completion: `prompt` (shown, not labeled) and `completion` (labeled). The
 annotator selects characters of the completion and labels them Bad or Good; a Bad span can carry
 the text that should replace it in a per-region text area. The backend and the conversion find the
-results by these tag names, so a project that renames them must say so (see LabelNames).
+results by these tag names, so a project that renames them must say so (see LabelNames). A header
+shows data.tokenfeedback_error, where the backend writes why it could not store an annotation of
+the task (empty, so invisible, otherwise; a task needs no such field to be imported).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from xml.etree import ElementTree
+
+from tokenfeedback.labelstudio.rest import ERROR_KEY
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ LABEL_CONFIG = f"""<View>
   <Header value="Prompt"/>
   <Text name="{NAMES.prompt}" value="$prompt"/>
   <Header value="Completion: select the wrong text and label it Bad (or the right text, Good)"/>
+  <Header value="${ERROR_KEY}" size="5" style="color: #c62828"/>
   <Labels name="{NAMES.labels}" toName="{NAMES.completion}" choice="single">
     <Label value="{NAMES.bad}" background="#e5484d" hotkey="b"/>
     <Label value="{NAMES.good}" background="#30a46c" hotkey="g"/>

@@ -12,10 +12,13 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import socket
+import sys
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict
+from pathlib import Path
 
 import uvicorn
 from starlette.applications import Starlette
@@ -23,9 +26,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from tokenfeedback.cli import CliError
 from tokenfeedback.labelstudio.backend import Backend, BackendConfig, PolicyUnreachable, RequestError
 
 log = logging.getLogger("tokenfeedback.labelstudio")
+
+# Environment variable with Label Studio's API token (else --label-studio-token-file, else /setup's).
+TOKEN_ENV = "TOKENFEEDBACK_LABEL_STUDIO_TOKEN"
 
 
 async def _json_object(request: Request) -> dict:
@@ -70,6 +77,7 @@ def create_app(config: BackendConfig) -> Starlette:
         routes=[
             Route("/health", health, methods=["GET"]),
             Route("/", health, methods=["GET"]),
+            Route("/rejected", _endpoint(backend.rejected, with_body=False), methods=["GET"]),
             Route("/setup", _endpoint(backend.setup), methods=["POST"]),
             Route("/predict", _endpoint(backend.predict), methods=["POST"]),
             Route("/webhook", _endpoint(backend.webhook), methods=["POST"]),
@@ -103,7 +111,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to-name", default=d.to_name, help="only regions on this <Text> tag (default: all)")
     parser.add_argument("--label-studio-url", default="",
                         help="Label Studio address for writing generated completions (default: from /setup)")
-    parser.add_argument("--label-studio-token", default="", help="its API token (default: from /setup)")
+    parser.add_argument("--label-studio-token-file", metavar="FILE", default=None,
+                        help=f"file holding its API token (default: ${TOKEN_ENV}, else the one /setup sends)")
+    parser.add_argument("--label-studio-token", default="",
+                        help="deprecated: the token on the command line is visible in ps; use the file or the variable")
+
+
+def label_studio_token(args: argparse.Namespace) -> str:
+    """Label Studio's API token: from --label-studio-token-file, else $TOKENFEEDBACK_LABEL_STUDIO_TOKEN,
+    else "" (the one /setup sends). The old --label-studio-token still works, with a warning: a
+    token on the command line is visible to every user of the machine (ps)."""
+    path = getattr(args, "label_studio_token_file", None)
+    if path:
+        try:
+            token = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise CliError(f"--label-studio-token-file: cannot read {path}: {exc.strerror}") from None
+        if not token:
+            raise CliError(f"--label-studio-token-file: {path} is empty")
+        return token
+    if getattr(args, "label_studio_token", ""):
+        print(f"warning: --label-studio-token puts the token on the command line, where other users see it "
+              f"(ps); use --label-studio-token-file or ${TOKEN_ENV}", file=sys.stderr, flush=True)
+        return args.label_studio_token
+    return os.environ.get(TOKEN_ENV, "").strip()
 
 
 def config_from_args(args: argparse.Namespace, *, token: str | None = None) -> BackendConfig:
@@ -111,7 +142,7 @@ def config_from_args(args: argparse.Namespace, *, token: str | None = None) -> B
         policy=args.policy, trainer=args.trainer, host=args.host, port=args.port, threshold=args.threshold,
         max_marks=args.max_marks, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         seed=args.seed, train_steps=args.train_steps, state=args.state, webhook_budget=args.webhook_budget,
-        to_name=args.to_name, label_studio_url=args.label_studio_url, label_studio_token=args.label_studio_token,
+        to_name=args.to_name, label_studio_url=args.label_studio_url, label_studio_token=label_studio_token(args),
         tls_ca=getattr(args, "tls_ca", None), token=token,
     )
 
@@ -120,7 +151,7 @@ def serve(config: BackendConfig) -> None:
     """Bind, announce `tokenfeedback: labelstudio-backend listening on HOST:PORT`, serve until
     SIGINT/SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log.info("config: %s", {k: v for k, v in asdict(config).items() if k != "token"})
+    log.info("config: %s", {k: v for k, v in asdict(config).items() if k not in ("token", "label_studio_token")})
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
