@@ -58,11 +58,13 @@ from pathlib import Path
 
 import torch
 
+from common.adapters import UpdateAccumulator
 from common.errors import Aborted, InvalidArgument, ResourceExhausted, Unavailable
 from common.hf import LoadedModel, resolve_dtype
 from common.metrics import policy_meter
 from common.spans import IncrementalDecoder, pieces_from_ids
 from common.weights import WeightAccumulator, aliases, dtype_name, tensor_nbytes
+from policy_server.adapters import AdapterMerger
 from policy_server.api import GenerationStart, ModelInfo, ScoredToken, ScoreRequest, ScoreResult, UpdateResult
 from policy_server.config import VLLM_INSTALL, EngineConfig
 from policy_server.engine import Engine
@@ -307,6 +309,7 @@ class VllmEngine(Engine):
         self._specs = specs  # name -> meta tensor: what an update is checked against
         self._canonical = canonical  # tied names -> the name their tensor travels under
         self._state = state  # canonical name -> current tensor (CPU): what every update reloads in full
+        self._adapters = AdapterMerger()  # LoRA adapter updates -> merged weights, as on the HF engine
         self._tensor_count = len(state)
         self._parameter_bytes = sum(tensor_nbytes(t) for t in state.values())
         self._accepting = True
@@ -383,7 +386,8 @@ class VllmEngine(Engine):
     # ---- UpdateWeights ------------------------------------------------------------------------
 
     def begin_update(self) -> WeightAccumulator:
-        return WeightAccumulator(self._specs, self.version, self._canonical,
+        """Full tensors or LoRA adapter factors (common/adapters.py), as on the HF engine."""
+        return UpdateAccumulator(self._specs, self.version, self._canonical,
                                  max_total_bytes=self.config.max_update_bytes or None)
 
     async def commit_update(self, update: WeightAccumulator, sha256: str) -> UpdateResult:
@@ -393,6 +397,8 @@ class VllmEngine(Engine):
 
         tensors = await asyncio.to_thread(update.commit, sha256)
         target = update.target_version
+        # adapter factors become merged weights W = B + up @ down (policy_server/adapters.py)
+        tensors, adapter_base = self._adapters.resolve(tensors, self._state)
         state = {**self._state, **tensors}
 
         async def load() -> None:
@@ -402,6 +408,7 @@ class VllmEngine(Engine):
                 await asyncio.to_thread(save_file, {k: v.contiguous() for k, v in state.items()}, path)
                 await self.scheduler.llm.collective_rpc("load_update", args=(path,))
             self._state = state
+            self._adapters.applied(adapter_base)
             log.info("weights: %d tensors (%d bytes) changed, the whole state reloaded into vLLM", len(tensors),
                      sum(tensor_nbytes(t) for t in tensors.values()))
 

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 import tokenfeedback.v1.policy_pb2 as pb
 import tokenfeedback.v1.policy_pb2_grpc as pb_grpc
+from common.adapters import factor_names
 from tests.conftest import ROOT
 from tests.policy.conftest import VLLM_TEST_TIMEOUT_S, generate, rpc_error, tokens_of, update_messages
 
@@ -119,17 +120,24 @@ def test_update_waits_for_the_running_stream_and_matches_hf(servers, tiny_model_
 
 def test_a_client_going_away_aborts_its_vllm_request(servers):
     """Cancelling a stream cancels the task that drives it, which closes vLLM's output generator
-    (vLLM aborts the request there); the server goes on serving."""
+    (vLLM aborts the request there); the server goes on serving. On a loaded machine vLLM may
+    finish all 500 tokens of the tiny model before the cancel arrives (nothing to abort then), so
+    a request is tried again, up to five times, until one is caught running."""
     vllm, _, vllm_server = servers
-    call = vllm.Generate(pb.GenerateRequest(prompt_text="Ottawa is", params=pb.SamplingParams(
-        max_new_tokens=500, seed=1, stop_on_eos=False)), timeout=300)
-    start = next(call).start
-    next(call)
-    call.cancel()
-    deadline = time.monotonic() + 120
-    while f"generation {start.generation_id} cancelled after" not in vllm_server.log_tail(400):
-        assert time.monotonic() < deadline, vllm_server.log_tail(40)
-        time.sleep(0.2)
+    for _attempt in range(5):
+        call = vllm.Generate(pb.GenerateRequest(prompt_text="Ottawa is", params=pb.SamplingParams(
+            max_new_tokens=500, seed=1, stop_on_eos=False)), timeout=300)
+        start = next(call).start
+        next(call)
+        call.cancel()
+        deadline = time.monotonic() + 30
+        line = f"generation {start.generation_id} cancelled after"
+        while line not in vllm_server.log_tail(400) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if line in vllm_server.log_tail(400):
+            break
+    else:
+        pytest.fail("no request was cancelled in five tries:\n" + vllm_server.log_tail(40))
     assert len(tokens_of(generate(vllm, "Paris is", timeout=300, max_new_tokens=4, seed=2, stop_on_eos=False))) == 4
 
 
@@ -151,3 +159,34 @@ def test_without_vllm_the_server_says_how_to_install_it(tiny_model_dir):
     done = subprocess.run([sys.executable, "-m", "policy_server", "--engine", "vllm", "--model", str(tiny_model_dir),
                            "--port", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "make vllm" in done.stderr, done.stderr[-2000:]
+
+
+def test_lora_adapter_updates_merge_as_on_the_hf_engine(servers, tiny_model_dir):
+    """A published LoRA adapter (factors only, common/adapters.py) is merged into the vLLM server's
+    weights as into the Hugging Face server's: both agree after it, and a second adapter replaces
+    the first on top of the same base (both servers are at the same version after the test above)."""
+    vllm, hf, _ = servers
+    probe = pb.ScoreRequest(prompt_text="Paris is the capital of", completion_text=" Canada. Ottawa")
+    version = vllm.GetModelInfo(pb.GetModelInfoRequest()).model_version
+    assert hf.GetModelInfo(pb.GetModelInfoRequest()).model_version == version
+    before = vllm.Score(probe, timeout=120)
+    shapes = {name: t.shape for name, t in AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict().items()}
+    g = torch.Generator().manual_seed(11)
+    for seed in (1, 2):  # the second adapter replaces the first
+        adapter = {}
+        for weight in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight"):
+            rows, cols = shapes[weight]
+            up, down = factor_names(weight)
+            adapter[up] = 0.3 * seed * torch.randn(rows, 4, generator=g)  # (S0, r)
+            adapter[down] = torch.randn(4, cols, generator=g)  # (r, S1)
+        version += 1
+        on_vllm = vllm.UpdateWeights(update_messages(adapter, version), timeout=600)
+        on_hf = hf.UpdateWeights(update_messages(adapter, version), timeout=120)
+        assert on_vllm.model_version == on_hf.model_version == version
+        v, h = vllm.Score(probe, timeout=120), hf.Score(probe, timeout=120)
+        assert v.model_version == h.model_version == version
+        for a, b in zip(v.tokens, h.tokens, strict=True):
+            assert abs(a.logprob - b.logprob) < LOGPROB_TOL
+        assert abs(v.total_logprob - before.total_logprob) > 0.1  # the adapter changed the weights
+        streamed = tokens_of(generate(vllm, "Paris is", timeout=300, max_new_tokens=4, seed=2, stop_on_eos=False))
+        assert len(streamed) == 4 and {t.model_version for t in streamed} == {version}
