@@ -95,19 +95,26 @@ class LoadedModel:
         return len(tensors), sum(tensor_nbytes(t) for t in tensors.values())
 
 
-def load_causal_lm(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load model + tokenizer, eval mode, on `device` in `dtype`."""
+def from_pretrained(name: str, dtype):
+    """(tokenizer, model) of a local folder or hub id, the model in eval mode without gradients, on
+    the CPU in `dtype`; a path that does not exist is reported as such, not looked up on a hub."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    resolved_device = resolve_device(device)
-    resolved_dtype = resolve_dtype(dtype, resolved_device)
     local = Path(name).exists()
     if not local and (name.startswith((".", "/")) or name.count("/") > 1):
         raise FileNotFoundError(f"model folder {name!r} does not exist (build the demo model with `make model`)")
     kwargs = {"local_files_only": True} if local else {}
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=resolved_dtype, **kwargs)
-    model.to(resolved_device).eval()
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs).eval()
     model.requires_grad_(False)
+    return tokenizer, model
+
+
+def load_causal_lm(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load model + tokenizer, eval mode, on `device` in `dtype`."""
+    resolved_device = resolve_device(device)
+    resolved_dtype = resolve_dtype(dtype, resolved_device)
+    tokenizer, model = from_pretrained(name, resolved_dtype)
+    model.to(resolved_device)
     log.info("loaded %s: %s, %s on %s", name, type(model).__name__, resolved_dtype, resolved_device)
     return LoadedModel(name, model, tokenizer, resolved_device, resolved_dtype)

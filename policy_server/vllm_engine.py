@@ -60,7 +60,7 @@ import torch
 
 from common.adapters import UpdateAccumulator
 from common.errors import Aborted, InvalidArgument, ResourceExhausted, Unavailable
-from common.hf import LoadedModel, resolve_dtype
+from common.hf import LoadedModel, from_pretrained, resolve_dtype
 from common.metrics import policy_meter
 from common.spans import IncrementalDecoder, pieces_from_ids
 from common.weights import WeightAccumulator, aliases, dtype_name, tensor_nbytes
@@ -440,18 +440,10 @@ def describe_model(name: str, device: str, dtype: str
     on the meta device), its state dict as meta tensors (what an update is checked against), tied
     names mapped to the name their tensor travels under, and the weights on the CPU under those
     names (what updates merge into)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     resolved_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if device == "auto" else device))
     resolved_dtype = resolve_dtype(dtype, resolved_device)
-    local = Path(name).exists()
-    if not local and (name.startswith((".", "/")) or name.count("/") > 1):
-        raise FileNotFoundError(f"model folder {name!r} does not exist (build the demo model with `make model`)")
-    kwargs = {"local_files_only": True} if local else {}
-    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=resolved_dtype, **kwargs).eval()
-    model.requires_grad_(False)
+    tokenizer, model = from_pretrained(name, resolved_dtype)
     weights = model.state_dict()
     canonical = aliases(weights)
     state = {n: t for n, t in weights.items() if canonical[n] == n}

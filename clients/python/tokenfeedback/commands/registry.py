@@ -62,13 +62,7 @@ class Context:
         """From --token-file, else $TOKENFEEDBACK_TOKEN; never from the command line."""
         path = getattr(self.args, "token_file", None)
         if path:
-            try:
-                token = Path(path).read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise CliError(f"--token-file: cannot read {path}: {exc.strerror}") from None
-            if not token:
-                raise CliError(f"--token-file: {path} is empty")
-            return token
+            return read_token_file(path, "--token-file")
         return self.environ.get("TOKENFEEDBACK_TOKEN", "").strip() or None
 
     def _options(self) -> dict[str, Any]:
@@ -135,3 +129,15 @@ def with_numeric_horizon(fields: dict[str, Any]) -> dict[str, Any]:
 def to_dict_compact(message) -> dict[str, Any]:
     """The proto JSON mapping as `annotate` reads it back (lowerCamelCase, defaults left out)."""
     return json_format.MessageToDict(message)
+
+
+def read_token_file(path: str | Path, flag: str) -> str:
+    """The token in the file `flag` names (stripped); CliError naming the flag if it cannot be
+    read or is empty. Tokens come from files or the environment, never from the command line."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise CliError(f"{flag}: cannot read {path}: {exc.strerror}") from None
+    if not token:
+        raise CliError(f"{flag}: {path} is empty")
+    return token

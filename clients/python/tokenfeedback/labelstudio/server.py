@@ -18,7 +18,6 @@ import sys
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict
-from pathlib import Path
 
 import uvicorn
 from starlette.applications import Starlette
@@ -26,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from tokenfeedback.cli import CliError
+from tokenfeedback.commands.registry import read_token_file
 from tokenfeedback.labelstudio.backend import Backend, BackendConfig, PolicyUnreachable, RequestError
 
 log = logging.getLogger("tokenfeedback.labelstudio")
@@ -123,13 +122,7 @@ def label_studio_token(args: argparse.Namespace) -> str:
     token on the command line is visible to every user of the machine (ps)."""
     path = getattr(args, "label_studio_token_file", None)
     if path:
-        try:
-            token = Path(path).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise CliError(f"--label-studio-token-file: cannot read {path}: {exc.strerror}") from None
-        if not token:
-            raise CliError(f"--label-studio-token-file: {path} is empty")
-        return token
+        return read_token_file(path, "--label-studio-token-file")
     if getattr(args, "label_studio_token", ""):
         print(f"warning: --label-studio-token puts the token on the command line, where other users see it "
               f"(ps); use --label-studio-token-file or ${TOKEN_ENV}", file=sys.stderr, flush=True)
