@@ -183,7 +183,7 @@ def test_poison_in_a_batch_is_quarantined_and_the_rest_trains(trainer, stub):
 
 def save(checkpoints: Checkpoints, model, optimizer, step: int, beta: float):
     meta = CheckpointMeta(step=step, model_version=1, beta=beta, replay_cursor=0, model="m", created_at=time.time())
-    return checkpoints.save(model, optimizer, meta)
+    return checkpoints.save(model.state_dict(), optimizer.state_dict(), meta)
 
 
 def test_saving_a_step_again_never_loses_the_complete_one(tmp_path, monkeypatch):
