@@ -38,7 +38,7 @@ $(STAMP): requirements.txt pyproject.toml
 	echo "$(CURDIR)/clients/python" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/tokenfeedback-client.pth
 	touch $@
 
-$(GEN_PY)/.stamp: $(PROTOS) $(STAMP) scripts/gen_proto.sh
+$(GEN_PY)/.stamp: $(PROTOS) $(STAMP) scripts/gen_proto.sh scripts/gen_proto.py
 	bash scripts/gen_proto.sh
 	touch $@
 

@@ -7,6 +7,7 @@ start takes minutes on a CPU); `make test` runs the vLLM smoke test (test_vllm.p
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import grpc
@@ -16,6 +17,8 @@ import torch
 import tokenfeedback.v1.policy_pb2 as pb
 import tokenfeedback.v1.policy_pb2_grpc as pb_grpc
 from common.weights import iter_chunks, summarize
+from policy_server.config import EngineConfig
+from policy_server.engine import Engine
 
 ENGINES = tuple(e.strip() for e in os.environ.get("POLICY_ENGINES", "hf").split(",") if e.strip())
 VLLM_TEST_TIMEOUT_S = 1200  # a test that starts a vLLM server (module fixtures count) gets this long
@@ -38,6 +41,15 @@ def policy_engine(request) -> str:
 def tiny_model_dir(tiny_model_dir, tiny_vllm_model_dir, policy_engine):
     """The tiny model the module's engine loads (vLLM's CPU attention needs heads of >= 32 dims)."""
     return tiny_model_dir if policy_engine == "hf" else tiny_vllm_model_dir
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    """The Hugging Face engine in process (no server) on the tiny model, up to 4 rows per step."""
+    engine = Engine.load(EngineConfig(model=str(tiny_model_dir), device="cpu", max_batch=4))
+    engine.start()
+    yield engine
+    asyncio.run(engine.close())
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from policy_server.api import (
     TokenEvent,
 )
 from policy_server.batch import Batch, cache_kwarg, output_cache
-from policy_server.engine import Engine, EngineConfig
+from policy_server.engine import Engine
 from policy_server.sampling import SamplerState, SamplingParams, sample_rows, sampling_logprobs
 
 
@@ -116,14 +116,6 @@ def test_batched_decoding_matches_alone(tiny_model_dir):
     for r in range(3):
         got = torch.stack(seen[r]).float()
         assert torch.allclose(got, full[r][: len(got)], atol=1e-4), (r, (got - full[r][: len(got)]).abs().max())
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    engine = Engine.load(EngineConfig(model=str(tiny_model_dir), device="cpu", max_batch=4))
-    engine.start()
-    yield engine
-    asyncio.run(engine.close())
 
 
 async def collect(engine: Engine, request: GenerateRequest) -> list:

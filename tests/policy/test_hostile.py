@@ -20,7 +20,6 @@ from common.errors import ServiceError, quote
 from common.weights import iter_chunks
 from policy_server import scheduler as scheduler_module
 from policy_server.api import GenerateRequest, GenerationEnd, TokenEvent
-from policy_server.engine import Engine, EngineConfig
 from policy_server.sampling import MAX_TEMPERATURE, MIN_TEMPERATURE, SamplerState, SamplingParams, sample_rows
 from tests.policy.conftest import generate, rpc_error, tokens_of, update_messages
 
@@ -97,14 +96,6 @@ def test_sample_rows_fails_rows_alone():
     for row in (1, 2, 3):
         assert isinstance(out[row], ServiceError), out[row]
     assert "not finite" in str(out[1]) and "not finite" in str(out[2])
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    engine = Engine.load(EngineConfig(model=str(tiny_model_dir), device="cpu", max_batch=4))
-    engine.start()
-    yield engine
-    asyncio.run(engine.close())
 
 
 @pytest.mark.parametrize("poisoned_at", [1, 3])
