@@ -26,6 +26,8 @@ from tests.policy.conftest import VLLM_TEST_TIMEOUT_S, generate, rpc_error, toke
 # vLLM's kernels and the Hugging Face forward differ in summation order: float32 logprobs of the
 # same weights agree to this (README, "The policy server on vLLM").
 LOGPROB_TOL = 1e-3
+# Tokens of the stream that runs while an update arrives: the tiny model's context (1024) less the prompt.
+STREAM_TOKENS = 1000
 
 pytestmark = pytest.mark.timeout(VLLM_TEST_TIMEOUT_S)
 
@@ -89,19 +91,24 @@ def test_update_waits_for_the_running_stream_and_matches_hf(servers, tiny_model_
     new = {name: t + 0.2 * torch.randn(t.shape, generator=g) for name, t in model.state_dict().items()}
     new["lm_head.weight"] = new["transformer.wte.weight"]  # tied in the model: travels once
 
+    messages = list(update_messages(new, 1))  # built before the stream starts: the update arrives at once
+
+    # The longest completion the tiny model allows, so that the update arrives while it runs even on
+    # a quiet machine (vLLM decodes the tiny model in well under a millisecond a token).
     stream = vllm.Generate(pb.GenerateRequest(prompt_text="Ottawa is", params=pb.SamplingParams(
-        max_new_tokens=300, seed=9, stop_on_eos=False)), timeout=600)
+        max_new_tokens=STREAM_TOKENS, seed=9, stop_on_eos=False)), timeout=600)
     start = next(stream).start
     assert start.model_version == 0
     tokens = [next(stream).token]  # decoding has started
     reply = {}
-    updating = threading.Thread(target=lambda: reply.update(r=vllm.UpdateWeights(update_messages(new, 1), timeout=600)))
+    updating = threading.Thread(target=lambda: reply.update(r=vllm.UpdateWeights(iter(messages), timeout=600)))
     updating.start()
     rest = list(stream)
     updating.join(600)
     tokens += [e.token for e in rest if e.WhichOneof("event") == "token"]
     assert reply["r"].model_version == 1
-    assert len(tokens) == 300 and rest[-1].end.model_version == 0 and {t.model_version for t in tokens} == {0}
+    assert len(tokens) == STREAM_TOKENS and rest[-1].end.model_version == 0
+    assert {t.model_version for t in tokens} == {0}
     assert "1 running stream(s) keep version 0" in vllm_server.log_tail(400)
     old = score(hf, start, [t.token_id for t in tokens[:40]])  # the Hugging Face server is still on version 0
     for t, s in zip(tokens, old.tokens, strict=False):

@@ -8,6 +8,7 @@ never saw (🎉, 東, 京) over several byte tokens, so those tests cover multi-
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import grpc
@@ -177,11 +178,14 @@ def test_keyboard_only(page, trainer, start_label, trainer_stub, tmp_path):
     w = wait_done(page)
     assert w["promptText"] == "Paris is the capital of"
     assert page.evaluate("document.activeElement.id") == "tokens"
-    # The cursor starts on the least likely token, one of the suggestions.
-    assert page.locator("#tokens .tok.suggested").count() >= 1
+    # The cursor starts on the least likely token that has text; it is one of the suggestions when
+    # the policy gave it p < 0.5 and no textless chip (end of sequence) is less likely still
+    # (tokens.ts, suggestions). The completion is sampled, so which case holds varies from run to run.
     least = min((t for t in w["tokens"] if t["text"]), key=lambda t: (t["logprob"], t["position"]))
     assert page.get_attribute("#tokens .tok.cursor", "data-pos") == str(least["position"])
-    assert "suggested" in page.get_attribute("#tokens .tok.cursor", "class")
+    unlikely = least["logprob"] < math.log(0.5) and least == min(w["tokens"], key=lambda t: (t["logprob"], t["position"]))
+    if unlikely:
+        assert "suggested" in page.get_attribute("#tokens .tok.cursor", "class")
 
     # A second completion, typed: "/" focuses the prompt, Enter generates.
     page.keyboard.press("/")
