@@ -40,7 +40,7 @@ def tiny_model_dir(tiny_vllm_model_dir):
 @pytest.fixture(scope="module")
 def servers(tiny_model_dir, start_policy_server):
     """(vLLM stub, Hugging Face stub, vLLM server), both on the same tiny model."""
-    vllm = start_policy_server(tiny_model_dir, "--max-new-tokens", str(STREAM_TOKENS), engine="vllm")
+    vllm = start_policy_server(tiny_model_dir, "--max-new-tokens-limit", str(STREAM_TOKENS), engine="vllm")
     hf = start_policy_server(tiny_model_dir)
     with grpc.insecure_channel(vllm.address) as v, grpc.insecure_channel(hf.address) as h:
         yield pb_grpc.PolicyServiceStub(v), pb_grpc.PolicyServiceStub(h), vllm
