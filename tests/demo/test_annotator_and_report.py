@@ -126,3 +126,20 @@ def test_summary_helpers():
     table = markdown_table(["arm", "x"], [["token | h=1", 0.12345]])
     assert table.splitlines() == ["| arm | x |", "|---|---|", "| token \\| h=1 | 0.123 |"]
     json.dumps(table)
+
+
+def test_demo_table_of_a_long_run_shows_evenly_spaced_rounds_with_the_first_and_last():
+    from demo.loop import ArmConfig, demo_table
+
+    rounds = [{"round": r, "annotated_sequences": 16 * r, "labelled_sequences": 8 * r, "token_rows": 9 * r,
+               "error_rate": 0.15 / (1 + r), "sequence_error_rate": 0.3 / (1 + r), "heldout_perplexity": 3.0}
+              for r in range(41)]
+    record = {"config": {**ArmConfig(rounds=40, budget=16).__dict__, "measure": {}}, "rounds": rounds,
+              "seconds": 300.0, "cpu_seconds": 280.0}
+    table = demo_table(record, [], "make demo")
+    shown = [int(line.split("|")[1]) for line in table.splitlines() if line.startswith("| ") and "round" not in line]
+    assert shown == [0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40]
+    assert "280 s CPU time" in table and "every few rounds" in table
+    short = demo_table({**record, "rounds": rounds[:6]}, [], "make demo")
+    assert [int(line.split("|")[1]) for line in short.splitlines()[-6:]] == [0, 1, 2, 3, 4, 5]
+    assert "every few rounds" not in short

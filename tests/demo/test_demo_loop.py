@@ -45,6 +45,8 @@ def test_one_round_of_the_demo_loop(demo_model, tmp_path):
         assert 1 <= row["facts_per_completion"] <= 3  # multi-fact completions state two or three facts
     assert last["train_kl"] >= 0 and last["train_loss"] == last["train_loss"]  # finite, not NaN
     assert "error rate" in run.stdout and "targets:" in run.stdout
+    # the run reports its CPU time (this process and both servers, counted once they have exited)
+    assert record["cpu_seconds"] > 0 and "s CPU (servers included)" in run.stdout
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_MODEL = ROOT / "data" / "demo-model"
-SHORT = ["--rounds", "4", "--budget", "64", "--samples", "4"]  # make demo's other settings
+SHORT = ["--rounds", "4", "--budget", "64", "--samples", "4"]  # 256 annotations in 4 rounds; make demo's other settings
 
 
 @pytest.mark.slow
