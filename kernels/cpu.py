@@ -1,10 +1,12 @@
 """The loss in chunked PyTorch: the path that runs on CPUs (and anywhere Triton does not).
 
-Positions are processed in chunks of C rows of the logits, so besides the gradient buffer that the
-API implies, the temporaries are a few [C, V] tensors: the gradient is built in place in the
-caller's buffer (log p - log q, then p (log p - log q), then the gradient), next to one buffer
-for p. The math is the Triton kernel's (see `kernels.triton_loss` for the derivation); here it is
-vectorized over the rows of a chunk:
+Positions are processed in chunks of C rows of the logits (docs/design.md, "Kernels"). Per chunk
+there are two steps over [C, V]: row statistics (max and log-sum-exp of z and r), then KL and
+the gradient, written in place into the caller's buffer (which may be z). Large chunks run them
+compiled (torch.compile, three fused kernels, no [C, V] temporaries); small chunks, and every chunk
+once compiling has failed, run them eagerly (in-place PyTorch, one [C, V] buffer besides). The math
+is the Triton kernel's (see `kernels.triton_loss` for the derivation); here it is vectorized over
+the rows of a chunk:
 
     dl/dz_j = a p_j + [j = y] (exact - a p_y)               first form, most rows
     dl/dz_j = c exp(z_j - lse(z without y)), exact at y    unlikelihood with w < 0 and p_y >= 1/2
