@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import sqlite3
 import tempfile
@@ -115,6 +116,23 @@ async def submit_concurrently(address: str, batches: list[list], clients: int) -
 # ---- where the time goes ----
 
 
+def cpu_seconds(server_pid: int) -> dict[str, float]:
+    """CPU seconds so far (user + system) of the server's event-loop thread, its other threads
+    (the store's writers, gRPC's poller), and this process (the clients)."""
+    import resource
+
+    import psutil
+
+    threads = psutil.Process(server_pid).threads()
+    mine = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "server event loop": sum(t.user_time + t.system_time for t in threads if t.id == server_pid),
+        "server other threads": sum(t.user_time + t.system_time for t in threads if t.id != server_pid),
+        "clients (this process)": mine.ru_utime + mine.ru_stime,
+    }
+
+
+
 def profile(model: Path, folder: Path, vocab: int, count: int) -> dict:
     """Microseconds per sequence of each step a SubmitAnnotations goes through, in this process."""
     from transformers import AutoTokenizer
@@ -180,8 +198,10 @@ def run(quick: bool = False, model: str | Path = DEFAULT_MODEL) -> dict:
         server = start_server("trainer_server", ["--model", str(model), "--data", str(folder / "data"), "--port", "0",
                                                  "--sync", "full", "--max-seq-len", "512"], name="trainer", cwd=ROOT)
         try:
-            one = asyncio.run(submit_concurrently(
-                server.address, [sequences(1, i, vocab, "one") for i in range(small)], CLIENTS))
+            requests = [sequences(1, i, vocab, "one") for i in range(small)]
+            before = cpu_seconds(server.proc.pid)
+            one = asyncio.run(submit_concurrently(server.address, requests, CLIENTS))
+            cpu = {name: round(1e6 * (t - before[name]) / small) for name, t in cpu_seconds(server.proc.pid).items()}
             big = asyncio.run(submit_concurrently(
                 server.address, [sequences(BIG, i, vocab, "big") for i in range(0, large, BIG)], 1))
         finally:
@@ -193,6 +213,10 @@ def run(quick: bool = False, model: str | Path = DEFAULT_MODEL) -> dict:
             "batch_1_vs_raw_one_row_per_commit": round(one / raw_one, 3),
             f"batch_{BIG}_vs_raw_batched": round(big / raw_big, 3),
         }
+        # CPU per acknowledged sequence at batch 1: what bounds the rate on a machine this size
+        total = cpu["server event loop"] + cpu["server other threads"] + cpu["clients (this process)"]
+        out["cpu_us_per_sequence_at_batch_1"] = {**cpu, "total": total,
+                                                 "ceiling_per_s": round(1e6 * (os.cpu_count() or 1) / total)}
         out["targets"] = {"batch_1_at_least_2000_per_s": one >= 2000, f"batch_{BIG}_at_least_40pct_of_raw": big >= 0.4 * raw_big}
         steps = profile(model, folder, vocab, 512 if quick else 2048)
         # the whole request in the service, for scale (measured at another moment than the steps
@@ -213,6 +237,10 @@ def print_table(out: dict) -> None:
     print(f"service (acknowledged = on disk):   {service[f'batch_1_x{CLIENTS}_clients_per_s']:>8} sequences/s at batch 1 "
           f"x {CLIENTS} clients (x{ratios['batch_1_vs_raw_one_row_per_commit']} of raw one-per-commit), "
           f"{service[f'batch_{BIG}_per_s']:>8} at batch {BIG} ({ratios[f'batch_{BIG}_vs_raw_batched']:.0%} of raw batched)")
+    cpu = out["cpu_us_per_sequence_at_batch_1"]
+    print(f"CPU per sequence at batch 1 (microseconds): server event loop {cpu['server event loop']}, "
+          f"server other threads {cpu['server other threads']}, clients {cpu['clients (this process)']}; "
+          f"{cpu['total']} in all, so {os.cpu_count()} cores acknowledge at most {cpu['ceiling_per_s']}/s")
     print("where one sequence's time goes (microseconds, in this process):")
     for name, us in out["profile_us_per_sequence"].items():
         print(f"  {us:>9.1f}  {name}")

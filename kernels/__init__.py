@@ -105,7 +105,7 @@ def default_chunk_size(n: int, vocab: int, hidden: int, device: torch.device, it
 
     On CUDA, 1024 positions (fewer when a [C, V] chunk would pass 256 MiB, at least 64): the
     grad_W GEMM has K = C, and each chunk reads and writes all of grad_W in fp32, so chunks much
-    smaller than 1024 make the head's gradient memory-bound. On CPU, chunks of about 128 MiB of fp32
+    smaller than 1024 make the head's gradient memory-bound. On CPU, equal chunks of at most 512 MiB of fp32
     logits (`kernels.cpu.default_chunk_size`).
     """
     if device.type == "cuda":

@@ -1,10 +1,12 @@
 """The loss in chunked PyTorch: the path that runs on CPUs (and anywhere Triton does not).
 
-Positions are processed in chunks of C rows of the logits, so besides the gradient buffer that the
-API implies, the temporaries are a few [C, V] tensors: the gradient is built in place in the
-caller's buffer (log p - log q, then p (log p - log q), then the gradient), next to one buffer
-for p. The math is the Triton kernel's (see `kernels.triton_loss` for the derivation); here it is
-vectorized over the rows of a chunk:
+Positions are processed in chunks of C rows of the logits (docs/design.md, "Kernels"). Per chunk
+there are two steps over [C, V]: row statistics (max and log-sum-exp of z and r), then KL and
+the gradient, written in place into the caller's buffer (which may be z). Large chunks run them
+compiled (torch.compile, three fused kernels, no [C, V] temporaries); small chunks, and every chunk
+once compiling has failed, run them eagerly (in-place PyTorch, one [C, V] buffer besides). The math
+is the Triton kernel's (see `kernels.triton_loss` for the derivation); here it is vectorized over
+the rows of a chunk:
 
     dl/dz_j = a p_j + [j = y] (exact - a p_y)               first form, most rows
     dl/dz_j = c exp(z_j - lse(z without y)), exact at y    unlikelihood with w < 0 and p_y >= 1/2
@@ -16,6 +18,8 @@ against the reference at machine precision).
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -23,19 +27,23 @@ from torch import Tensor
 from kernels.rows import Rows
 
 LN2 = math.log(2.0)
-CHUNK_BYTES = 128 * 2**20  # one [C, V] fp32 buffer of a chunk: 128 MiB
+CHUNK_BYTES = 512 * 2**20  # at most one [C, V] fp32 buffer of a chunk: 512 MiB
 
 
 def default_chunk_size(n: int, vocab: int) -> int:
-    """Positions per chunk: one [C, V] fp32 buffer of about CHUNK_BYTES.
+    """Positions per chunk: the fewest chunks whose [C, V] fp32 buffers stay within CHUNK_BYTES,
+    all of the same size (no small last chunk).
 
-    Large on purpose. Each chunk costs ~40 PyTorch operations, ~15 of them parallel passes over
-    [C, V]; on a shared CPU every parallel region waits for its slowest thread, so many small
-    chunks lose more than cache-sized chunks win (1.5x faster per element on one idle core, up
-    to 3x slower on a busy 2-core machine). In the fused-linear path each chunk also reads and writes
-    all of the fp32 lm_head gradient (grad_W += g^T h_c): fewer chunks move less memory.
+    Large on purpose. The fused-linear path's matmuls run at their best rate for C in the
+    thousands, and each chunk reads and writes all of the fp32 lm_head gradient
+    (grad_W += g^T h_c): fewer chunks move less memory. What a chunk holds besides: its policy and
+    reference logits (the compiled passes allocate nothing more), or one more [C, V] buffer in the
+    eager passes. At N=4096, V=50257: 2 chunks of 2048, about 0.8 GiB of logits at a time against
+    eager PyTorch's 5.4 GiB for the whole loss.
     """
-    return max(1, min(n, CHUNK_BYTES // (4 * vocab)))
+    max_rows = max(1, CHUNK_BYTES // (4 * vocab))
+    chunks = -(-n // max_rows)  # ceil
+    return -(-n // chunks)
 
 
 def row_terms(logp: Tensor, log1mp: Tensor, rows: Rows) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -73,6 +81,20 @@ def row_terms(logp: Tensor, log1mp: Tensor, rows: Rows) -> tuple[Tensor, Tensor,
     )
 
 
+# ---- the [C, V] passes ---------------------------------------------------------------------------
+# Two implementations of the same two steps: row statistics (max and log-sum-exp of z and r), then
+# KL and the gradient. Eager: in-place PyTorch, about 17 passes over [C, V] memory and one [C, V]
+# buffer besides z, r and out. Fused: the same math written plainly and run under torch.compile,
+# which makes each step a loop over rows that reads a row from memory once and keeps it in cache
+# for the row's next pass: 3 kernels, no [C, V] temporaries. Compiled on first use per dtype
+# (shapes are dynamic), only for chunks of at least COMPILE_MIN_ELEMENTS; if compiling fails the
+# process warns once and stays eager.
+
+COMPILE_MIN_ELEMENTS = 2**22  # smaller chunks run eagerly: compiling (seconds, once) would not pay
+_compiled: dict[str, Callable] = {}  # fused pass name -> its torch.compile wrapper, made on first use
+_compile_failure: list[str] = []  # why compiling failed; non-empty: every chunk runs eagerly
+
+
 def _max_and_logsum(x: Tensor, buf: Tensor) -> tuple[Tensor, Tensor]:
     """Row maxima m (C,) and log sum exp(x - m) (C,), using buf (C, V) as scratch.
 
@@ -85,22 +107,123 @@ def _max_and_logsum(x: Tensor, buf: Tensor) -> tuple[Tensor, Tensor]:
     return m, logsum
 
 
+def _stats_eager(z: Tensor, r: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """m_z, logsum_z, m_r, logsum_r, each (C,); one [C, V] scratch buffer."""
+    buf = torch.empty_like(z)  # (C, V)
+    m_r, logsum_r = _max_and_logsum(r, buf)
+    m_z, logsum_z = _max_and_logsum(z, buf)
+    return m_z, logsum_z, m_r, logsum_r
+
+
+def _kl_and_grad_eager(z, r, m_z, logsum_z, lse_diff, klw, a_sum, out) -> Tensor:
+    """KL (C,); out (C, V) gets dL/dz_j = klw p_j d_j + p_j (A - klw KL), target entries aside."""
+    p = torch.sub(z, m_z[:, None]).sub_(logsum_z[:, None]).exp_()  # (C, V)
+    pd = torch.sub(z, r, out=out).sub_(lse_diff[:, None]).mul_(p)  # (C, V) p d; z is dead if out is z
+    kl = pd.sum(1)  # (C,)
+    broken = (~torch.isfinite(kl)).nonzero()[:, 0]
+    if broken.numel():  # -inf logits give 0 * nan: p = 0 entries contribute nothing
+        fixed = pd[broken].masked_fill_(p[broken] == 0, 0.0)
+        pd[broken] = fixed
+        kl[broken] = fixed.sum(1)
+    pd.mul_(klw[:, None]).addcmul_(p, (a_sum - klw * kl)[:, None])
+    return kl
+
+
+def _stats_fused(z: Tensor, r: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """As _stats_eager, for torch.compile (rows of only -inf give NaN here, as they do later there)."""
+    m_z = z.amax(1, keepdim=True)  # (C, 1)
+    m_r = r.amax(1, keepdim=True)  # (C, 1)
+    logsum_z = torch.exp(z - m_z).sum(1).log()  # (C,)
+    logsum_r = torch.exp(r - m_r).sum(1).log()  # (C,)
+    return m_z[:, 0], logsum_z, m_r[:, 0], logsum_r
+
+
+def _p_and_d(z, r, m_z, logsum_z, lse_diff) -> tuple[Tensor, Tensor]:
+    p = torch.exp((z - m_z[:, None]) - logsum_z[:, None])  # (C, V)
+    d = (z - r) - lse_diff[:, None]  # (C, V) log p - log q
+    return p, d
+
+
+def _kl_fused(z, r, m_z, logsum_z, lse_diff) -> Tensor:
+    """KL (C,), for torch.compile; entries with p = 0 contribute 0 (also where d is infinite)."""
+    p, d = _p_and_d(z, r, m_z, logsum_z, lse_diff)
+    return torch.where(p > 0, p * d, 0.0).sum(1)
+
+
+def _grad_of(z, r, m_z, logsum_z, lse_diff, klw, a_sum, kl) -> Tensor:
+    """p_j (A + klw (d_j - KL)) (C, V), for the compiled kernels below."""
+    p, d = _p_and_d(z, r, m_z, logsum_z, lse_diff)
+    return torch.where(p > 0, p * (klw[:, None] * (d - kl[:, None]) + a_sum[:, None]), 0.0)
+
+
+# Written out twice rather than called with out = z: the compiled kernels never see two arguments
+# that alias (torch 2.13: after a call with out = z, a later call with a separate out left it
+# unwritten). And a
+# kernel of its own, not fused into _kl_fused: inductor fails to compile a reduction followed by
+# an in-place store in one function; the price is a second read of z and r.
+def _grad_fused(z, r, m_z, logsum_z, lse_diff, klw, a_sum, kl, out) -> None:
+    out.copy_(_grad_of(z, r, m_z, logsum_z, lse_diff, klw, a_sum, kl))
+
+
+def _grad_fused_in_place(z, r, m_z, logsum_z, lse_diff, klw, a_sum, kl) -> None:
+    z.copy_(_grad_of(z, r, m_z, logsum_z, lse_diff, klw, a_sum, kl))
+
+
+def _fused(fn: Callable) -> Callable:
+    if fn.__name__ not in _compiled:
+        _compiled[fn.__name__] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _compiled[fn.__name__]
+
+
+def _give_up_compiling(error: Exception) -> None:
+    """Remember the failure and warn once; compiling fails before a kernel runs, so the chunk's
+    buffers are untouched and the eager passes can redo the step."""
+    first_line = (str(error).strip().splitlines() or [""])[0][:300]
+    _compile_failure.append(f"{type(error).__name__}: {first_line}")
+    warnings.warn(f"kernels.cpu: torch.compile of the loss passes failed ({_compile_failure[0]}); "
+                  "running them eagerly from now on", RuntimeWarning, stacklevel=3)  # fmt: skip
+
+
+def uses_compiled(z: Tensor) -> bool:
+    """Whether a chunk of these logits (C, V) runs the compiled passes."""
+    return not _compile_failure and z.numel() >= COMPILE_MIN_ELEMENTS
+
+
+def _stats(z: Tensor, r: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if uses_compiled(z):
+        try:
+            return _fused(_stats_fused)(z, r)
+        except Exception as e:  # noqa: BLE001 - any compile failure: the eager passes still work
+            _give_up_compiling(e)
+    return _stats_eager(z, r)
+
+
+def _kl_and_grad(z, r, m_z, logsum_z, lse_diff, klw, a_sum, out) -> Tensor:
+    if uses_compiled(z):
+        try:
+            kl = _fused(_kl_fused)(z, r, m_z, logsum_z, lse_diff)
+            if out.data_ptr() == z.data_ptr():  # the fused-linear path: logits become their gradient
+                _fused(_grad_fused_in_place)(z, r, m_z, logsum_z, lse_diff, klw, a_sum, kl)
+            else:
+                _fused(_grad_fused)(z, r, m_z, logsum_z, lse_diff, klw, a_sum, kl, out)
+            return kl
+        except Exception as e:  # noqa: BLE001 - as in _stats; out is written only by a compiled kernel
+            _give_up_compiling(e)
+    return _kl_and_grad_eager(z, r, m_z, logsum_z, lse_diff, klw, a_sum, out)
+
+
+# ---- one chunk -------------------------------------------------------------------------------------
+
+
 def chunk_loss_and_grad(z: Tensor, r: Tensor, rows: Rows, work: Tensor) -> tuple[Tensor, Tensor]:
     """Row losses (Rc,) and KL (C,) of one chunk; dL/dz is left in work (C, V).
 
-    z, r, work share one float dtype; work may be z itself (then z is overwritten). Besides z, r
-    and work, one [C, V] buffer (p) is allocated. About 15 passes over [C, V] memory: the cost of
-    this path is memory traffic, so every full-size operation is in place.
+    z, r, work share one float dtype; work may be z itself (then z is overwritten). The [C, V]
+    passes are the two steps above; everything else here is per row or per target entry.
     """
     c_pos, vocab = z.shape
     t, y = rows.index, rows.target  # (Rc,) positions in the chunk, targets
-    p = torch.empty_like(z)  # (C, V), scratch until it holds p
-    m_r, logsum_r = _max_and_logsum(r, p)  # (C,)
-    m_z = z.amax(1)  # (C,)
-    m_z = torch.where(m_z == float("-inf"), 0.0, m_z)
-    s_z = torch.sub(z, m_z[:, None], out=p).exp_().sum(1)  # (C,) p holds exp(z - m_z) now
-    logsum_z = s_z.log()
-    p.mul_(s_z.reciprocal()[:, None])  # (C, V) p
+    m_z, logsum_z, m_r, logsum_r = _stats(z, r)  # (C,) each
 
     # rows: log p_y, and log(1 - p_y) as lse(others) - lse(all) where p_y >= 1/2
     logp_y = (z[t, y] - m_z[t]) - logsum_z[t]  # (Rc,)
@@ -122,18 +245,11 @@ def chunk_loss_and_grad(z: Tensor, r: Tensor, rows: Rows, work: Tensor) -> tuple
 
     # d = log p - log q = (z - r) - (lse z - lse r); the maxima differ exactly, unlike the lse's
     lse_diff = (m_z - m_r) + (logsum_z - logsum_r)  # (C,)
-    d = torch.sub(z, r, out=work).sub_(lse_diff[:, None])  # (C, V); z is dead from here when work is z
     keys, inverse = torch.unique(t * vocab + y, return_inverse=True)  # (U,) target entries
     kt, ky = keys // vocab, keys % vocab
-    p_key, d_key = p[kt, ky], d[kt, ky]  # (U,) read before d is overwritten
-    pd = d.mul_(p)  # (C, V) p d
-    kl = pd.sum(1)  # (C,)
-    broken = (~torch.isfinite(kl)).nonzero()[:, 0]
-    if broken.numel():  # -inf logits give 0 * nan: p = 0 entries contribute nothing
-        fixed = pd[broken].masked_fill_(p[broken] == 0, 0.0)
-        pd[broken] = fixed
-        kl[broken] = fixed.sum(1)
-        d_key = torch.where(p_key == 0, 0.0, d_key)
+    z_key = z[kt, ky]  # (U,) read before work (maybe z) is overwritten
+    p_key = torch.exp((z_key - m_z[kt]) - logsum_z[kt])  # (U,) as the passes compute p and d
+    d_key = torch.where(p_key == 0, 0.0, (z_key - r[kt, ky]) - lse_diff[kt])  # p = 0: no KL part
 
     # dL/dz_j = p_j (A + klw (d_j - KL)) = klw p_j d_j + p_j (A - klw KL), A = sum of the rows' a;
     # at target entries p_y (A - a of the rows aiming at y) + KL part + their exact values
@@ -141,12 +257,11 @@ def chunk_loss_and_grad(z: Tensor, r: Tensor, rows: Rows, work: Tensor) -> tuple
     a_sum = torch.zeros(c_pos, dtype=z.dtype, device=z.device).index_add_(0, t, a)  # (C,)
     a_same = torch.zeros(keys.shape, dtype=z.dtype, device=z.device).index_add_(0, inverse, a)
     exact_sum = torch.zeros(keys.shape, dtype=z.dtype, device=z.device).index_add_(0, inverse, exact)
+    kl = _kl_and_grad(z, r, m_z, logsum_z, lse_diff, klw, a_sum, work)  # (C,); work holds dL/dz
     target_grad = p_key * ((a_sum[kt] - a_same) + klw[kt] * (d_key - kl[kt])) + exact_sum
-    grad = pd.mul_(klw[:, None]).addcmul_(p, (a_sum - klw * kl)[:, None])  # (C, V)
-    del p
-    grad.view(-1)[keys] = target_grad
+    work.view(-1)[keys] = target_grad
     if second.numel():
-        grad.index_add_(0, t[second], contrib)
+        work.index_add_(0, t[second], contrib)
     return row_loss, kl
 
 

@@ -54,3 +54,20 @@ def test_a_tiny_run_writes_json_and_a_plot(tmp_path):
         assert case["flop_per_s"] == pytest.approx(8 * case["n"] * 16 * 256 / case["seconds"])
         assert case["share_of_matmul"] >= 0 and case["share_of_copy"] >= 0 and case["bytes_per_s"] > 0
         assert "time_ratio" in case and "memory_ratio" in case
+        assert case["first_call_seconds"] > 0
+    assert "first call of each" in done.stdout
+
+
+def test_the_cpu_target_is_against_compile_time_and_eager_memory():
+    from bench.kernels import done_when
+
+    def case(impl, seconds, memory_ratio):
+        return dict(path="fused", n=4096, v=50257, h=768, dtype="float32", impl=impl, seconds=seconds,
+                    memory_ratio=memory_ratio, time_ratio=seconds / 10.0)  # fmt: skip
+
+    eager, compiled = case("plain", 10.0, 1.0), case("compiled", 6.0, 0.6)
+    assert done_when([eager, compiled, case("cpu", 5.9, 0.2)])["met"]
+    assert done_when([eager, compiled, case("cpu", 5.9, 0.2)])["time_vs_compile"] == pytest.approx(5.9 / 6.0, abs=1e-3)
+    assert not done_when([eager, compiled, case("cpu", 6.1, 0.2)])["met"]  # slower than compile
+    assert not done_when([eager, compiled, case("cpu", 5.0, 0.3)])["met"]  # over a quarter of eager's memory
+    assert done_when([eager, case("cpu", 5.0, 0.2)]) is None  # no compile column: nothing to say
