@@ -158,9 +158,8 @@ def _grad_of(z, r, m_z, logsum_z, lse_diff, klw, a_sum, kl) -> Tensor:
 
 # Written out twice rather than called with out = z: the compiled kernels never see two arguments
 # that alias (torch 2.13: after a call with out = z, a later call with a separate out left it
-# unwritten). And a
-# kernel of its own, not fused into _kl_fused: inductor fails to compile a reduction followed by
-# an in-place store in one function; the price is a second read of z and r.
+# unwritten). And a kernel of its own, not fused into _kl_fused: inductor fails to compile a
+# reduction followed by an in-place store in one function; the price is a second read of z and r.
 def _grad_fused(z, r, m_z, logsum_z, lse_diff, klw, a_sum, kl, out) -> None:
     out.copy_(_grad_of(z, r, m_z, logsum_z, lse_diff, klw, a_sum, kl))
 

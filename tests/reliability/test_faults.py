@@ -215,7 +215,9 @@ def test_trainer_killed_during_training_resumes_and_loses_nothing_acknowledged(s
         trainer.kill()  # SIGKILL mid-run: steps after the last checkpoint are lost, nothing acknowledged may be
     assert len(acked) >= 30 + 8
     newest = Checkpoints(data / "checkpoints").newest()
-    assert newest is not None and newest[1].step % 3 == 0 and 6 <= newest[1].step <= reached + 1, newest
+    # The stream's progress events can trail the training (it goes on while this client submits),
+    # so the newest checkpoint may be past `reached`; it is a whole checkpoint of a run killed midway.
+    assert newest is not None and newest[1].step % 3 == 0 and 6 <= newest[1].step < 200, newest
 
     servers.append(trainer := start_trainer(tiny_model_dir, data, *args))
     with grpc.insecure_channel(trainer.address) as channel:
