@@ -20,7 +20,7 @@ import json
 import time
 from pathlib import Path
 
-from bench.policy import DEFAULT_MODEL, PROMPTS, ROOT, _over_grpc
+from bench.policy import DEFAULT_MODEL, PROMPTS, ROOT, generate_over_grpc
 
 STREAMS = (1, 4, 16, 64)
 VLLM_START_S = 900.0  # the vLLM server's start (engine core, worker, weights) on a loaded CPU
@@ -68,13 +68,13 @@ def run(quick: bool = False, model: str | Path = DEFAULT_MODEL) -> dict:
                       python=vllm_python(ROOT), timeout=VLLM_START_S) as vllm, \
             start_server("policy_server", common, name="policy-hf", cwd=ROOT) as hf:
         for address in (hf.address, vllm.address):  # warm-up (vLLM's first requests are slow)
-            asyncio.run(_over_grpc(address, 4, 4))
+            asyncio.run(generate_over_grpc(address, 4, 4))
         _hf_generate(hf_model, tokenizer, 2, 4)
         for _ in range(repeats):
             for n in STREAMS:
                 runs["generate", n].append(_hf_generate(hf_model, tokenizer, n, new_tokens))
                 for way, server in (("hf", hf), ("vllm", vllm)):
-                    seconds, _, tokens = asyncio.run(_over_grpc(server.address, n, new_tokens))
+                    seconds, _, tokens = asyncio.run(generate_over_grpc(server.address, n, new_tokens))
                     runs[way, n].append((seconds, tokens))
 
     rows = []

@@ -130,6 +130,25 @@ async def _concurrently(streams: int, open_stream, is_token) -> tuple[float, flo
     return seconds, statistics.mean(f - start for f, _ in results), sum(c for _, c in results)
 
 
+async def generate_over_grpc(address: str, streams: int, tokens: int) -> tuple[float, float, int]:
+    """(seconds, mean time to the first token, tokens) of `streams` concurrent Generate calls to the
+    policy server at `address`, from one grpc.aio channel (also bench/engines.py's measurement)."""
+    import grpc
+
+    import tokenfeedback.v1.policy_pb2 as pb
+    import tokenfeedback.v1.policy_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.PolicyServiceStub(channel)
+        await stub.GetModelInfo(pb.GetModelInfoRequest())  # connection up before the clock starts
+
+        def one(i: int):
+            return stub.Generate(pb.GenerateRequest(prompt_text=PROMPTS[i % len(PROMPTS)],
+                                                    params=_params(pb.SamplingParams, tokens, i)))
+
+        return await _concurrently(streams, one, lambda event: event.WhichOneof("event") == "token")
+
+
 class InProcess:
     """The project's engine, called from an asyncio loop in this process (no transport)."""
 
@@ -174,20 +193,7 @@ class OverGrpc:
         return asyncio.run(self._run(streams, tokens))
 
     async def _run(self, streams: int, tokens: int):
-        import grpc
-
-        import tokenfeedback.v1.policy_pb2 as pb
-        import tokenfeedback.v1.policy_pb2_grpc as pb_grpc
-
-        async with grpc.aio.insecure_channel(self.server.address) as channel:
-            stub = pb_grpc.PolicyServiceStub(channel)
-            await stub.GetModelInfo(pb.GetModelInfoRequest())  # connection up before the clock starts
-
-            def one(i: int):
-                return stub.Generate(pb.GenerateRequest(prompt_text=PROMPTS[i % len(PROMPTS)],
-                                                        params=_params(pb.SamplingParams, tokens, i)))
-
-            return await _concurrently(streams, one, lambda event: event.WhichOneof("event") == "token")
+        return await generate_over_grpc(self.server.address, streams, tokens)
 
     def pids(self) -> tuple[int, ...]:
         return (self.server.proc.pid,)
