@@ -22,15 +22,19 @@ def demo_model() -> Path:
     return DEMO_MODEL
 
 
+def run_module(module: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    """`python -m module args...` from the repository root; it must exit 0."""
+    run = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=timeout)
+    assert run.returncode == 0, f"{module} failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    return run
+
+
 @pytest.mark.slow
 def test_one_round_of_the_demo_loop(demo_model, tmp_path):
     out = tmp_path / "results"
-    run = subprocess.run(
-        [sys.executable, "-m", "demo", "--model", str(demo_model), "--rounds", "1", "--budget", "24",
-         "--steps", "2", "--samples", "1", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert run.returncode == 0, f"demo failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    run = run_module("demo", "--model", str(demo_model), "--rounds", "1", "--budget", "24", "--steps", "2",
+                     "--samples", "1", "--out", str(out), timeout=600)
     record = json.loads((out / "demo.json").read_text())
     assert (out / "demo.png").stat().st_size > 1000
     first, last = record["rounds"]
@@ -52,12 +56,8 @@ def test_one_round_of_the_demo_loop(demo_model, tmp_path):
 @pytest.mark.slow
 def test_claims_quick_runs_every_comparison(demo_model, tmp_path):
     """`make claims QUICK=1`: every comparison's arms run, and the tables, plots and JSON appear."""
-    run = subprocess.run(
-        [sys.executable, "-m", "demo.claims", "--model", str(demo_model), "--quick", "--no-readme",
-         "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )
-    assert run.returncode == 0, f"claims failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    run = run_module("demo.claims", "--model", str(demo_model), "--quick", "--no-readme", "--out", str(tmp_path),
+                     timeout=900)
     record = json.loads((tmp_path / "claims.json").read_text())
     names = {rec["arm"] for rec in record["records"]}
     for arms in record["comparisons"].values():
@@ -74,12 +74,8 @@ def test_claims_quick_runs_every_comparison(demo_model, tmp_path):
 @pytest.mark.slow
 def test_experiment_quick_runs_every_arm(demo_model, tmp_path):
     """`make experiment QUICK=1`: every arm under both annotators runs; headline and tables appear."""
-    run = subprocess.run(
-        [sys.executable, "-m", "demo.experiment", "--model", str(demo_model), "--quick", "--no-readme",
-         "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )
-    assert run.returncode == 0, f"experiment failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    run = run_module("demo.experiment", "--model", str(demo_model), "--quick", "--no-readme", "--out", str(tmp_path),
+                     timeout=900)
     record = json.loads((tmp_path / "experiment.json").read_text())
     assert len(record["arms"]) == 10 and {r["arm"] for r in record["records"]} == set(record["arms"])
     for png in ["headline.png", "experiment-perfect.png", "experiment-realistic.png"]:
