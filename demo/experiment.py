@@ -41,11 +41,15 @@ from demo.report import markdown_table, mean_std, plot_lines, update_readme, wri
 
 RUNS = RESULTS / "runs"  # one JSON per finished run, keyed by its configuration (see run_grid)
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "experiment"
-# The comparison's budget: enough rounds for the token-level arm to reach a tenth of the start
-# error, so that "annotations to /10" can be read off for it and sought for the others.
-# Fully measured (single-fact slice, perplexity, distinct-2) at the first and last rounds; the multi-fact
-# error rate every round, from 4 samples per prompt.
-GRID_DEFAULTS = ArmConfig(rounds=8, budget=64, steps=20, measure=MeasureConfig(samples=4, full_every=8))
+# The comparison's budget and schedule. The schedule is the demo's (16 sequences and 20 steps per
+# round, beta 0.2, lr 3e-4), with the learning rate decaying to a tenth over the whole budget
+# (0.977 per round over 100 rounds) so that no arm stops learning before its budget is spent. The
+# budget, 1,600 annotated sequences, is five times what the token-level arm needs to reach a tenth
+# of the start error (about 300 in the demo), so that "a fifth of the annotations" can be read off
+# whether or not a sequence-level arm gets there. Each run measures the multi-fact error rate every
+# second round (4 samples per prompt), everything else at the start and every 20 rounds.
+GRID_DEFAULTS = ArmConfig(rounds=100, budget=16, steps=20, beta=0.2, learning_rate=3e-4, lr_decay=0.977,
+                          measure=MeasureConfig(samples=4, every=2, full_every=20))
 # Annotator settings: name -> (miss rate, false-mark rate, wrong-replacement rate).
 ANNOTATORS = {"perfect": (0.0, 0.0, 0.0), "realistic": (0.15, 0.05, 0.05)}
 FRACTIONS = (2, 4, 10)  # annotations to reach start / k are reported for these k
@@ -162,6 +166,7 @@ def pm(values: Sequence[float], fmt: str = ".3f") -> str:
 def reach(rounds: Sequence[dict], target: float, key: str = "error_rate") -> float | None:
     """Annotated sequences at which one run's error first falls to `target` or below (linear
     interpolation between the measured rounds), or None when it never does."""
+    rounds = [row for row in rounds if key in row]
     for i in range(1, len(rounds)):
         if rounds[i][key] <= target:
             x0, x1 = rounds[i - 1]["annotated_sequences"], rounds[i]["annotated_sequences"]
@@ -326,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "make experiment" + (" QUICK=1" if args.quick else "") + (
         " DEMO_ARGS=--cached-only" if args.cached_only else "")
     about = (f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}: {len(seeds)} seed(s), {base.rounds} rounds "
-             f"x {base.budget} annotated sequences per arm, {base.steps} steps per round, mean ± sd over seeds; "
+             f"x {base.budget} annotated sequences per arm, {base.steps} steps per round, beta {base.beta:g}, lr "
+             f"{base.learning_rate:g} decaying x{base.lr_decay:g} per round, mean ± sd over seeds; "
              f"error = share of the facts stated in sampled multi-fact completions that are wrong.")
     if missing:
         about += (f" **Incomplete grid**: {len(missing)} of {len(arms) * len(seeds)} runs had not finished and are "

@@ -111,6 +111,9 @@ def run_arm(cfg: ArmConfig, log=print) -> dict:
                 else:
                     train = _train_round(trainer, cfg, r, cfg.learning_rate * cfg.lr_decay ** (r - 1))
                     _wait_for_version(policy, train["published_version"])
+                if r != cfg.rounds and r % max(1, cfg.measure.every) != 0:  # not measured: counts only
+                    record["rounds"].append(_round(r, used, {}, train))
+                    continue
                 full = r == cfg.rounds or r % max(1, cfg.measure.full_every) == 0
                 record["rounds"].append(_round(r, used, measure(policy, held, truth, eos_id, cfg.measure, full),
                                                train))
@@ -186,6 +189,11 @@ def _wait_for_version(policy: PolicyClient, version: int, timeout: float = 120) 
         time.sleep(0.1)
 
 
+def measured_rounds(rounds: list[dict]) -> list[dict]:
+    """The rounds whose error rate was measured (every `MeasureConfig.every`-th, the first and the last)."""
+    return [row for row in rounds if "error_rate" in row]
+
+
 def _round(r: int, used: dict, measured: dict, train: dict) -> dict:
     return {"round": r, "annotated_sequences": used["sequences"], "labelled_sequences": used["labelled"],
             "token_rows": used["rows"], **measured, **{f"train_{k}": v for k, v in train.items()}}
@@ -235,7 +243,7 @@ def demo_table(record: dict, missed: list[str], command: str, error_factor: floa
     """The demo's rounds as a markdown table, with how it was produced and whether it met its targets.
     Longer runs show `max_rows` evenly spaced rounds (the first and last among them; all are in the JSON)."""
     cfg = record["config"]
-    shown = _spaced(record["rounds"], max_rows)
+    shown = _spaced(measured_rounds(record["rounds"]), max_rows)
     rows = [[r["round"], r["annotated_sequences"], r["labelled_sequences"], r["token_rows"], f"{r['error_rate']:.1%}",
              f"{r['sequence_error_rate']:.1%}", f"{r['single_error_rate']:.1%}" if "single_error_rate" in r else "",
              f"{r['heldout_perplexity']:.3f}" if "heldout_perplexity" in r else "",
@@ -245,7 +253,7 @@ def demo_table(record: dict, missed: list[str], command: str, error_factor: floa
     first, last = record["rounds"][0], record["rounds"][-1]
     verdict = "met" if not missed else "missed: " + "; ".join(missed)
     cpu = f", {record['cpu_seconds']:.0f} s CPU time" if "cpu_seconds" in record else ""
-    every = "" if len(shown) == len(record["rounds"]) else " The table shows every few rounds (all are in the JSON)."
+    every = "" if len(shown) == len(measured_rounds(record["rounds"])) else " The table shows every few rounds (all are in the JSON)."
     return (f"Produced by `{command}` ({cfg['rounds']} rounds x {cfg['budget']} annotated completions, "
             f"{cfg['steps']} steps per round, {cfg['variant']}, beta {cfg['beta']}, lr {cfg['learning_rate']} "
             f"decaying x{cfg.get('lr_decay', 1.0):g} per round; {record['seconds']:.0f} s wall time{cpu} on this "
@@ -263,7 +271,7 @@ def _spaced(rows: list, count: int) -> list:
 
 
 def plot_demo(record: dict, path: Path) -> Path:
-    rows = record["rounds"]
+    rows = measured_rounds(record["rounds"])
     x = [r["annotated_sequences"] for r in rows]
     return plot_lines(path, "make demo: token-level feedback on the multi-fact model",
                       "annotated sequences (seen by the annotator)", "rate / relative perplexity", {

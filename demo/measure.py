@@ -33,6 +33,7 @@ from tokenfeedback import Completion, PolicyClient
 class MeasureConfig:
     samples: int = 6  # completions per multi-fact eval prompt (the error rate the comparisons read)
     single_samples: int = 1  # completions per single-fact eval prompt and per generalization prompt
+    every: int = 1  # rounds between measurements (long runs save time); the first and last rounds always
     full_every: int = 1  # rounds between full measurements (single-fact slice, perplexity, distinct-2);
     # the first and last rounds are always full, the others measure the multi-fact error rate only
     max_new_tokens: int = 32  # enough for the longest three-fact completion and its full stop

@@ -143,3 +143,21 @@ def test_demo_table_of_a_long_run_shows_evenly_spaced_rounds_with_the_first_and_
     short = demo_table({**record, "rounds": rounds[:6]}, [], "make demo")
     assert [int(line.split("|")[1]) for line in short.splitlines()[-6:]] == [0, 1, 2, 3, 4, 5]
     assert "every few rounds" not in short
+
+
+def test_rounds_that_were_not_measured_are_skipped_by_reach_and_the_table():
+    from demo.experiment import reach
+    from demo.loop import ArmConfig, demo_table, measured_rounds
+
+    # measured every second round (MeasureConfig.every = 2): the odd rounds hold counts only
+    rounds = [{"round": r, "annotated_sequences": 16 * r, "labelled_sequences": 8 * r, "token_rows": 9 * r,
+               **({"error_rate": 0.2 - 0.04 * r, "sequence_error_rate": 0.3, "heldout_perplexity": 3.0}
+                  if r % 2 == 0 else {})} for r in range(5)]
+    assert [row["round"] for row in measured_rounds(rounds)] == [0, 2, 4]
+    assert reach(rounds, 0.1) == pytest.approx(16 * 2 + (0.12 - 0.1) / (0.12 - 0.04) * 32)  # between rounds 2 and 4
+    assert reach(rounds, 0.01) is None
+    record = {"config": {**ArmConfig(rounds=4, budget=16).__dict__, "measure": {}}, "rounds": rounds,
+              "seconds": 10.0}
+    shown = [int(line.split("|")[1]) for line in demo_table(record, [], "x").splitlines()
+             if line.startswith("| ") and "round" not in line]
+    assert shown == [0, 2, 4]
