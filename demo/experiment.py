@@ -88,8 +88,10 @@ def is_sequence_level(arm_name: str) -> bool:
 def run_key(arm: ArmConfig) -> str:
     """What determines a run's outcome (everything but its display name), as a short hash."""
     config = asdict(replace(arm, name=""))
-    if config["lr_decay"] == 1.0:  # the default keys as before the field existed
+    if config["lr_decay"] == 1.0:  # defaults key as before their fields existed
         del config["lr_decay"]
+    if config["measure"]["every"] == 1:
+        del config["measure"]["every"]
     config["model_build"] = _model_fingerprint(arm.model)
     return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
