@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cached-only", action="store_true",
                         help="run nothing: report the runs already cached (a grid that has not finished)")
     args = parser.parse_args(argv)
-    base = arm_from_args(args)
+    base = arm_from_args(args, CLAIMS_DEFAULTS)
     seeds = list(range(args.seeds))
     if args.quick:
         base = replace(base, rounds=1, budget=12, steps=2, measure=replace(base.measure, samples=1, free_tokens=8,

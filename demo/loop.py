@@ -320,8 +320,9 @@ def arm_arguments(parser: argparse.ArgumentParser, defaults: ArmConfig = ArmConf
     a("--seed", type=int, default=defaults.seed, help="seed (default %(default)s)")
 
 
-def arm_from_args(args: argparse.Namespace, **overrides) -> ArmConfig:
-    base = ArmConfig()
+def arm_from_args(args: argparse.Namespace, base: ArmConfig = ArmConfig(), **overrides) -> ArmConfig:
+    """The arm `arm_arguments(parser, base)` describes: `base` with the flags applied (what has no
+    flag, such as how often to measure, is `base`'s)."""
     return replace(base, model=args.model, rounds=args.rounds, budget=args.budget, steps=args.steps,
                    variant=args.variant, beta=args.beta, kl_target=args.kl_target, learning_rate=args.lr,
                    lr_decay=args.lr_decay,
@@ -359,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.render is not None:
         return render(args)
-    cfg = arm_from_args(args)
+    cfg = arm_from_args(args, DEMO_DEFAULTS)
     print(f"tokenfeedback demo: {cfg.rounds} rounds x {cfg.budget} annotated completions, variant {cfg.variant}, "
           f"beta {cfg.beta}, model {cfg.model}", flush=True)
     record = run_arm(cfg, log=lambda m: print(m, flush=True))

@@ -161,3 +161,19 @@ def test_rounds_that_were_not_measured_are_skipped_by_reach_and_the_table():
     shown = [int(line.split("|")[1]) for line in demo_table(record, [], "x").splitlines()
              if line.startswith("| ") and "round" not in line]
     assert shown == [0, 2, 4]
+
+
+def test_arm_from_args_keeps_what_has_no_flag_from_its_defaults():
+    import argparse
+
+    from demo.experiment import GRID_DEFAULTS
+    from demo.loop import arm_arguments, arm_from_args
+
+    parser = argparse.ArgumentParser()
+    arm_arguments(parser, GRID_DEFAULTS)
+    arm = arm_from_args(parser.parse_args(["--samples", "2", "--rounds", "3"]), GRID_DEFAULTS)
+    assert arm.rounds == 3 and arm.measure.samples == 2
+    assert arm.measure.every == GRID_DEFAULTS.measure.every == 2  # no flag: the grid's, not MeasureConfig()'s
+    assert arm.measure.full_every == GRID_DEFAULTS.measure.full_every
+    assert arm == GRID_DEFAULTS.__class__(**{**GRID_DEFAULTS.__dict__, "rounds": 3,
+                                             "measure": arm.measure})  # nothing else changed
