@@ -177,3 +177,33 @@ def test_arm_from_args_keeps_what_has_no_flag_from_its_defaults():
     assert arm.measure.full_every == GRID_DEFAULTS.measure.full_every
     assert arm == GRID_DEFAULTS.__class__(**{**GRID_DEFAULTS.__dict__, "rounds": 3,
                                              "measure": arm.measure})  # nothing else changed
+
+
+def _run(arm: str, seed: int, errors: list[float], ppl: dict[int, float]) -> dict:
+    """A synthetic experiment record: one round per error, 16 sequences each; perplexity where given."""
+    return {"arm": arm, "seed": seed, "rounds": [
+        {"round": r, "annotated_sequences": 16 * r, "error_rate": e, "sequence_error_rate": e,
+         **({"heldout_perplexity": ppl[r]} if r in ppl else {})} for r, e in enumerate(errors)]}
+
+
+def test_headline_verdict_reads_annotations_to_a_tenth_and_perplexity_there():
+    from demo.experiment import TOKEN_ARM, headline, perplexity_at_reach
+
+    token = f"{TOKEN_ARM} [perfect]"
+    rft = "rejection-sampling fine-tuning [perfect]"
+    fast = [0.2, 0.1, 0.05, 0.01] + [0.01] * 36  # /10 (0.02) between rounds 2 and 3: 16*2 + 16*0.75 = 44
+    slow = [0.2] + [0.2 - 0.18 * r / 30 for r in range(1, 40)]  # /10 at round 30: 480 sequences
+    records = [_run(token, s, fast, {0: 3.0, 4: 2.9, 39: 3.0}) for s in range(2)] + \
+              [_run(rft, s, slow, {0: 3.0, 39: 3.6}) for s in range(2)]
+    assert perplexity_at_reach(records[0]) == 2.9  # the first full measurement after reaching /10
+    table, names, verdict = headline(records)
+    assert names == [token, rft]
+    assert "after 44 annotated sequences" in verdict and "after 480 (10.9x as many)" in verdict
+    assert verdict.endswith("met.") and "+20%" in verdict
+    # the same, but token-level's perplexity is above the start where it reaches /10
+    records[1] = _run(token, 1, fast, {0: 3.0, 4: 3.1, 39: 3.0})
+    assert headline(records)[2].endswith("missed on perplexity.")
+    # a sequence arm that never reaches /10 within a budget under 5x token-level's: not shown
+    records[2:] = [_run(rft, s, [0.2] * 3 + [0.1] * 4, {0: 3.0, 6: 3.1}) for s in range(2)]
+    records[1] = records[0] | {"seed": 1}
+    assert "not shown at this budget" in headline(records)[2]
