@@ -2,10 +2,13 @@
 
 Three comparisons, each a set of arms of the demo loop (demo/loop.py) over several seeds, with
 the perfect annotator and the same number of annotated sequences per arm:
-1. the KL penalty: a setting that degenerates without it (likelihood on bad spans without
-   replacements, the unbounded -w log p push-down, at a high learning rate, trained on one batch
-   sampled from the initial model so that every arm gets the same data), at beta = 0 and beta > 0;
-   held-out perplexity, distinct-2 and free-running samples show what happens;
+1. the KL penalty: two settings that degenerate without it, each trained on one batch sampled
+   from the initial model so that every arm gets the same data, at beta = 0 and beta > 0:
+   unlikelihood with replacements at a high learning rate (3e-3), where beta = 0 collapses into
+   repetition and beta >= 1 prevents it; and likelihood on bad spans without replacements (the
+   unbounded -w log p push-down, lr 1e-3), which no beta holds, since pushing one token's logit to
+   -inf costs the KL almost nothing at that position (docs/design.md, "The loss"); held-out
+   perplexity, distinct-2 and free-running samples show what happens;
 2. online against offline: rounds of sampling from the current policy against one batch of the
    whole budget sampled from the initial model, token-level feedback, equal budget and steps;
 3. horizon: h = 1, 2, 4 and full with gamma 1 and 0.9, on token rewards (the token arm of
@@ -13,16 +16,19 @@ the perfect annotator and the same number of annotated sequences per arm:
    baseline); at h = 1 gamma has no effect, so it runs once.
 Its schedule is shorter than `make experiment`'s (8 rounds x 64 sequences, constant lr, beta 0.1):
 each comparison shows at that budget, and the grid is four times as many arms. It writes
-docs/claims/claims.json, a plot per comparison, and the tables (with samples) into README.md
-between the `claims` markers.
+docs/claims/claims.json, a plot per comparison, and each comparison's table (with samples) into
+README.md between its own markers (`claims-kl-penalty`, `claims-online-vs-offline`,
+`claims-horizon`), so that `--only` reruns one comparison and rewrites only its block.
 
     python -m demo.claims            # make claims
+    python -m demo.claims --only 1   # make claims DEMO_ARGS="--only 1": the KL comparison only
     python -m demo.claims --quick    # make claims QUICK=1: one seed, small budget, a pipeline check
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import replace
@@ -41,13 +47,20 @@ HORIZONS = ("1", "2", "4", "full")
 GAMMAS = (1.0, 0.9)
 
 
-def claim_arms(base: ArmConfig, beta: float, kl_lr: float) -> dict[str, list[ArmConfig]]:
+KL_BETAS = (0.0, 1.0, 4.0)  # the KL comparison's collapse setting (unlikelihood, replacements)
+UNBOUNDED_BETAS = (0.0, 0.4)  # ... and its unbounded setting (likelihood, no replacements)
+
+
+def claim_arms(base: ArmConfig, beta: float, kl_lr: float, unbounded_lr: float = 1e-3) -> dict[str, list[ArmConfig]]:
     """Comparison -> its arms. Arms with the same name are the same run."""
     token = replace(base, name="token h=1", form="token", variant="unlikelihood", horizon="1", gamma=1.0,
                     replacements=True, beta=beta)
     sequence = replace(base, form="sequence", variant="pg_clip", baseline=True, beta=beta)
-    degenerate = replace(token, variant="likelihood", replacements=False, learning_rate=kl_lr, online=False,
-                         measure=replace(base.measure, full_every=1))  # distinct-2 and perplexity every round
+    # the KL arms: one batch from the initial model (the same data for every beta); distinct-2 and
+    # perplexity every round
+    offline = replace(token, online=False, measure=replace(base.measure, full_every=1))
+    collapse = replace(offline, learning_rate=kl_lr)
+    unbounded = replace(offline, variant="likelihood", replacements=False, learning_rate=unbounded_lr)
     horizon = []
     for reward, arm in (("token", token), ("sequence", sequence)):
         for h in HORIZONS:
@@ -56,9 +69,10 @@ def claim_arms(base: ArmConfig, beta: float, kl_lr: float) -> dict[str, list[Arm
                 horizon.append(replace(arm, name=name, horizon=h, gamma=g))
     return {
         "1. KL penalty": [
-            replace(degenerate, name=f"likelihood, no replacements, lr {kl_lr:g}, beta=0", beta=0.0),
-            replace(degenerate, name=f"likelihood, no replacements, lr {kl_lr:g}, beta={beta:g}"),
-            replace(degenerate, name=f"likelihood, no replacements, lr {kl_lr:g}, beta={4 * beta:g}", beta=4 * beta),
+            *[replace(collapse, name=f"unlikelihood + replacements, lr {kl_lr:g}, beta={b:g}", beta=b)
+              for b in KL_BETAS],
+            *[replace(unbounded, name=f"likelihood, no replacements, lr {unbounded_lr:g}, beta={b:g}", beta=b)
+              for b in UNBOUNDED_BETAS],
         ],
         "2. online vs offline": [
             token,
@@ -95,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     arm_arguments(parser, CLAIMS_DEFAULTS)
     parser.add_argument("--seeds", type=int, default=3, help="seeds per arm (default %(default)s)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (default %(default)s)")
-    parser.add_argument("--kl-lr", type=float, default=1e-3, help="learning rate of the KL comparison's arms")
+    parser.add_argument("--kl-lr", type=float, default=3e-3,
+                        help="learning rate of the KL comparison's unlikelihood arms (default %(default)s)")
     parser.add_argument("--only", default="", help="comma-separated comparison numbers to run (default: all)")
     parser.add_argument("--quick", action="store_true", help="one seed, one round, small budget (CI check)")
     parser.add_argument("--out", type=Path, default=DOCS, help="folder for claims.json and the plots")
@@ -120,36 +135,50 @@ def main(argv: list[str] | None = None) -> int:
     records = run_grid(unique, seeds, log=lambda m: print(m, flush=True), jobs=args.jobs,
                        cache=None if args.quick else RUNS, cached_only=args.cached_only)
     grouped = by_arm(records)
-    missing = [arm.name for arm in unique if arm.name not in grouped]
 
-    sections = []
+    start = mean_std([r["rounds"][0]["error_rate"] for r in records])[0] if records else float("nan")
+    command = "make claims" + (" QUICK=1" if args.quick else "") + (
+        f" DEMO_ARGS=\"--seeds {args.seeds}" + (f" --only {args.only}" if args.only else "")
+        + (" --cached-only" if args.cached_only else "") + "\"")
+    about = (f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}: "
+             f"{len(seeds)} seed(s), {base.rounds} rounds x {base.budget} annotated sequences per arm, "
+             f"{base.steps} steps per round, perfect annotator, mean ± sd over seeds; the start error is "
+             f"{start:.1%} of the facts in multi-fact completions. Plots in `docs/claims/`.")
+    blocks = {}
     for title, arms in comparisons.items():
+        left_out = [arm.name for arm in arms if arm.name not in grouped]
         arms = [arm for arm in arms if arm.name in grouped]
         if not arms:
             continue
         chosen = [rec for arm in arms for rec in grouped[arm.name]]
-        text = f"#### {title}\n\n{summary_table(chosen)}\n\nSamples (seed 0, last round):\n\n{samples(arms, grouped)}"
+        text = (f"#### {title}\n\n{about}"
+                + (f" **Incomplete**: not run yet, left out: {'; '.join(left_out)}." if left_out else "")
+                + f"\n\n{summary_table(chosen)}\n\nSamples (seed 0, last round):\n\n{samples(arms, grouped)}")
         if title.startswith("1."):
             text += ("\n\nFree-running samples (seed 0, last round, no stop at the full stop):\n\n"
                      + samples(arms, grouped, free=True))
             degeneration_plot(records, [a.name for a in arms], args.out / "degeneration.png")
-        sections.append(text)
         slug = title.split(". ", 1)[1].replace(" ", "-")
         plot_error(chosen, args.out / f"{slug}.png", title)
-    start = mean_std([r["rounds"][0]["error_rate"] for r in records])[0]
-    json_path = write_json({"comparisons": {t: [a.name for a in arms] for t, arms in comparisons.items()},
-                            "seeds": seeds, "records": records}, args.out / "claims.json")
-    command = "make claims" + (" QUICK=1" if args.quick else "") + (
-        f" DEMO_ARGS=\"--seeds {args.seeds}" + (" --cached-only" if args.cached_only else "") + "\"")
-    body = (f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}: "
-            f"{len(seeds)} seed(s), {base.rounds} rounds x {base.budget} annotated sequences per arm, "
-            f"{base.steps} steps per round, perfect annotator, mean ± sd over seeds; the start error is "
-            f"{start:.1%} of the facts in multi-fact completions. Plots in `docs/claims/`."
-            + (f" **Incomplete**: not run yet, left out: {'; '.join(missing)}." if missing else "")
-            + "\n\n" + "\n\n".join(sections))
-    print("\n" + body)
+        blocks[f"claims-{slug.lower()}"] = text
+    json_path = args.out / "claims.json"
+    merged = {"comparisons": {}, "seeds": {}, "records": []}
+    if args.only and json_path.is_file():  # keep the comparisons this run did not touch
+        previous = json.loads(json_path.read_text())
+        kept = {t: a for t, a in previous["comparisons"].items() if t not in comparisons}
+        kept_arms = {name for names in kept.values() for name in names}
+        seeds_of = previous["seeds"]  # per comparison; one list for all in files written before --only
+        merged = {"comparisons": kept,
+                  "seeds": {t: seeds_of if isinstance(seeds_of, list) else seeds_of[t] for t in kept},
+                  "records": [r for r in previous["records"] if r["arm"] in kept_arms]}
+    merged["comparisons"].update({t: [a.name for a in arms] for t, arms in comparisons.items()})
+    merged["seeds"].update({t: seeds for t in comparisons})
+    merged["records"] += records
+    write_json(merged, json_path)
+    print("\n" + "\n\n".join(blocks.values()))
     if not args.no_readme:
-        update_readme("claims", body)
+        for name, text in blocks.items():
+            update_readme(name, text)
     print(f"\nwrote {json_path} ({(time.perf_counter() - t0) / 60:.1f} min)")
     return 0
 
