@@ -170,10 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         seeds_of = previous["seeds"]  # per comparison; one list for all in files written before --only
         merged = {"comparisons": kept,
                   "seeds": {t: seeds_of if isinstance(seeds_of, list) else seeds_of[t] for t in kept},
-                  "records": [r for r in previous["records"] if r["arm"] in kept_arms]}
+                  # an arm shared with a comparison rerun now (token h=1) takes its new records
+                  "records": [r for r in previous["records"] if r["arm"] in kept_arms and r["arm"] not in grouped]}
     merged["comparisons"].update({t: [a.name for a in arms] for t, arms in comparisons.items()})
     merged["seeds"].update({t: seeds for t in comparisons})
     merged["records"] += records
+    merged["comparisons"] = dict(sorted(merged["comparisons"].items()))  # by number
     write_json(merged, json_path)
     print("\n" + "\n\n".join(blocks.values()))
     if not args.no_readme:

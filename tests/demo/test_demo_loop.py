@@ -54,6 +54,7 @@ def test_one_round_of_the_demo_loop(demo_model, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # 16 short runs: minutes on a loaded 2-core machine (the subprocess's own limit)
 def test_claims_quick_runs_every_comparison(demo_model, tmp_path):
     """`make claims QUICK=1`: every comparison's arms run, and the tables, plots and JSON appear."""
     run = run_module("demo.claims", "--model", str(demo_model), "--quick", "--no-readme", "--out", str(tmp_path),
@@ -69,9 +70,18 @@ def test_claims_quick_runs_every_comparison(demo_model, tmp_path):
         assert f"#### {title}" in run.stdout
     horizon = record["comparisons"]["3. horizon"]
     assert len(horizon) == 2 * (1 + 3 * 2)  # token and sequence rewards; h=1, and h=2, 4, full x gamma 1, 0.9
+    assert len(record["comparisons"]["1. KL penalty"]) == 5
+    # --only reruns one comparison; claims.json keeps the others' records
+    run_module("demo.claims", "--model", str(demo_model), "--quick", "--no-readme", "--out", str(tmp_path),
+               "--only", "2", timeout=900)
+    again = json.loads((tmp_path / "claims.json").read_text())
+    assert list(again["comparisons"]) == list(record["comparisons"])
+    assert {r["arm"] for r in again["records"]} == names and len(again["records"]) == len(record["records"])
+    assert again["seeds"] == {title: [0] for title in record["comparisons"]}
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # 10 short runs, as above
 def test_experiment_quick_runs_every_arm(demo_model, tmp_path):
     """`make experiment QUICK=1`: every arm under both annotators runs; headline and tables appear."""
     run = run_module("demo.experiment", "--model", str(demo_model), "--quick", "--no-readme", "--out", str(tmp_path),
