@@ -266,12 +266,12 @@ def headline(records: Sequence[dict], setting: str = "perfect") -> tuple[str, li
     names = [n for n in (token, best) if n is not None and n in grouped]
     header = ["arm", "seeds", *[f"annotated seqs to /{k} of start error" for k in FRACTIONS],
               "held-out ppl at /10", "error start", "error end", "held-out ppl start", "held-out ppl end"]
+    at_reach = {name: [perplexity_at_reach(r) for r in grouped[name]] for name in names}  # per seed
     rows = []
     for name in names:
         runs = grouped[name]
-        at_reach = [perplexity_at_reach(r) for r in runs]
         rows.append([name, len(runs), *[reach_cell(runs, k) for k in FRACTIONS],
-                     pm([p for p in at_reach if p is not None]) if None not in at_reach else "-",
+                     pm(at_reach[name]) if None not in at_reach[name] else "-",
                      pm([r["rounds"][0]["error_rate"] for r in runs]),
                      pm([r["rounds"][-1]["error_rate"] for r in runs]),
                      pm([r["rounds"][0]["heldout_perplexity"] for r in runs]),
@@ -286,9 +286,9 @@ def headline(records: Sequence[dict], setting: str = "perfect") -> tuple[str, li
                    f"annotated sequences.")
         return markdown_table(header, rows), names, verdict
     start_ppl = [r["rounds"][0]["heldout_perplexity"] for r in t_runs]
-    t_ppl = [perplexity_at_reach(r) for r in t_runs]
-    ppl_ok = all(p is not None and p <= p0 for p, p0 in zip(t_ppl, start_ppl, strict=True))
+    t_ppl = at_reach[token]
     worse = sum(not (p is not None and p <= p0) for p, p0 in zip(t_ppl, start_ppl, strict=True))
+    ppl_ok = worse == 0
     ppl_text = (f"held-out perplexity when it gets there {pm([p for p in t_ppl if p is not None])} against "
                 f"{mean_std(start_ppl)[0]:.3f} at the start" + ("" if ppl_ok else f", above the start in {worse} of "
                                                                   f"{len(t_runs)} seeds"))

@@ -243,7 +243,8 @@ def demo_table(record: dict, missed: list[str], command: str, error_factor: floa
     """The demo's rounds as a markdown table, with how it was produced and whether it met its targets.
     Longer runs show `max_rows` evenly spaced rounds (the first and last among them; all are in the JSON)."""
     cfg = record["config"]
-    shown = _spaced(measured_rounds(record["rounds"]), max_rows)
+    measured = measured_rounds(record["rounds"])
+    shown = _spaced(measured, max_rows)
     rows = [[r["round"], r["annotated_sequences"], r["labelled_sequences"], r["token_rows"], f"{r['error_rate']:.1%}",
              f"{r['sequence_error_rate']:.1%}", f"{r['single_error_rate']:.1%}" if "single_error_rate" in r else "",
              f"{r['heldout_perplexity']:.3f}" if "heldout_perplexity" in r else "",
@@ -253,7 +254,7 @@ def demo_table(record: dict, missed: list[str], command: str, error_factor: floa
     first, last = record["rounds"][0], record["rounds"][-1]
     verdict = "met" if not missed else "missed: " + "; ".join(missed)
     cpu = f", {record['cpu_seconds']:.0f} s CPU time" if "cpu_seconds" in record else ""
-    every = "" if len(shown) == len(measured_rounds(record["rounds"])) else " The table shows every few rounds (all are in the JSON)."
+    every = "" if len(shown) == len(measured) else " The table shows every few rounds (all are in the JSON)."
     return (f"Produced by `{command}` ({cfg['rounds']} rounds x {cfg['budget']} annotated completions, "
             f"{cfg['steps']} steps per round, {cfg['variant']}, beta {cfg['beta']}, lr {cfg['learning_rate']} "
             f"decaying x{cfg.get('lr_decay', 1.0):g} per round; {record['seconds']:.0f} s wall time{cpu} on this "
