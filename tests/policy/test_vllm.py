@@ -104,7 +104,8 @@ def test_update_waits_for_the_running_stream_and_matches_hf(servers, tiny_model_
         assert start.model_version == version - 1
         tokens = [next(stream).token]  # decoding has started
         reply = {}
-        updating = threading.Thread(target=lambda: reply.update(r=vllm.UpdateWeights(iter(messages), timeout=600)))
+        updating = threading.Thread(target=lambda reply=reply, messages=messages: reply.update(
+            r=vllm.UpdateWeights(iter(messages), timeout=600)))  # this try's dict and messages
         updating.start()
         rest = list(stream)
         updating.join(600)
